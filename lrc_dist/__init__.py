@@ -1,0 +1,1 @@
+"""lrc_dist: Low-Rank Clone distillation of decoder-only language models."""

@@ -1,0 +1,58 @@
+"""Tiny random Hugging Face checkpoints of every supported family, built offline from configs."""
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=24,  # head_dim != hidden/heads on purpose
+    max_position_embeddings=256, rms_norm_eps=1e-5,
+)
+
+FAMILIES = {
+    "llama2": lambda **kw: LlamaConfig(**{**TINY, "num_key_value_heads": 4, **kw}),
+    "llama3": lambda **kw: LlamaConfig(**{**TINY, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, "tie_word_embeddings": True, **kw}),
+    "qwen2": lambda **kw: Qwen2Config(**{**TINY, "rope_theta": 1e6, "tie_word_embeddings": False, **kw}),
+    "qwen3": lambda **kw: Qwen3Config(**{**TINY, "tie_word_embeddings": True, **kw}),
+    "mistral": lambda **kw: MistralConfig(**{**TINY, "sliding_window": 8, **kw}),  # window < test seq len
+}
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial values everywhere (norm weights near 1, biases nonzero) so parity tests bite."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.05 * noise)
+
+
+def build_checkpoint(path, family: str, seed: int = 0, **overrides) -> str:
+    config = FAMILIES[family](**overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_(model, seed)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def checkpoint(tmp_path, family):
+    return build_checkpoint(tmp_path / family, family)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()

@@ -1,0 +1,64 @@
+"""Our decoder vs transformers on tiny random checkpoints of every family, and loader errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import build_checkpoint, rel_err
+from lrc_dist.model import CausalLM, CheckpointError
+
+
+def test_logits_match_transformers(checkpoint):
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    ours = CausalLM.from_pretrained(checkpoint)
+    ref = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = ours(ids)
+    assert rel_err(got, expected) < 1e-5
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    path = tmp_path / "sharded"
+    ref = AutoModelForCausalLM.from_pretrained(build_checkpoint(tmp_path / "one", "qwen2"))
+    ref.save_pretrained(path, max_shard_size="20KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    ids = torch.arange(16)[None]
+    with torch.no_grad():
+        assert rel_err(CausalLM.from_pretrained(path)(ids), ref(ids).logits) < 1e-5
+
+
+def test_unsupported_architecture(tmp_path):
+    path = build_checkpoint(tmp_path / "m", "llama2")
+    cfg = json.loads((tmp_path / "m/config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (tmp_path / "m/config.json").write_text(json.dumps(cfg))
+    with pytest.raises((CheckpointError, ValueError), match="gpt2"):
+        CausalLM.from_pretrained(path)
+
+
+def test_missing_weights(tmp_path):
+    path = build_checkpoint(tmp_path / "m", "llama2")
+    (tmp_path / "m/model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        CausalLM.from_pretrained(path)
+    shutil.rmtree(path)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        CausalLM.from_pretrained(path)
+
+
+def test_config_weights_mismatch(tmp_path):
+    path = build_checkpoint(tmp_path / "m", "qwen3")
+    cfg = json.loads((tmp_path / "m/config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    cfg.pop("layer_types")
+    (tmp_path / "m/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing.*layers.2"):
+        CausalLM.from_pretrained(path)
+    cfg["num_hidden_layers"], cfg["intermediate_size"] = 2, 128
+    (tmp_path / "m/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="mlp.*shape"):
+        CausalLM.from_pretrained(path)
