@@ -1,0 +1,262 @@
+"""Low-Rank Clone: a student generated from a frozen teacher through trainable projections.
+
+Every student weight is a teacher weight times a projection P (d_T, d_S): input-side matrices
+(q, k, v, gate, up, embedding, lm_head) become W_T @ P, output-side ones (o, down) P^T @ W_T.
+Teacher and student run layer by layer in one `LowRankBlock`, which also returns the activation
+clone terms (MSE between their q, k, v, gate, up, attention and FFN outputs). The block is the unit
+that FSDP/ZeRO shard and checkpoint; this file knows nothing of distribution.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lrc_dist.model import (
+    CausalLM,
+    CheckpointError,
+    DecoderLayer,
+    LayerWeights,
+    ModelArgs,
+    RMSNorm,
+    attention_mix,
+    rms_norm,
+    swiglu,
+)
+
+CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
+INPUT_SIDE = ("q", "k", "v", "gate", "up")  # student weight W_T @ P; output side (o, down) is P^T @ W_T
+
+
+@dataclass
+class LRCConfig:
+    student_hidden_size: int
+    rms_norm_eps: float | None = None  # the student's norms; None keeps the teacher's
+    clone_terms: tuple[str, ...] = CLONE_TERMS  # which activation clone terms to compute
+    # "student": attention output compared as o_S vs o_T @ P_o (paper, Algorithm 1);
+    # "teacher": the student's attention mixed through the teacher's o_proj vs o_T (reference code).
+    attn_out_space: str = "student"
+    shared_attn_proj: bool = False  # paper's "IO" attention: one input projection for q, k, v
+    shared_ffn_proj: bool = False  # paper's "IO" FFN: one input projection for gate, up
+    init_std: float = 0.02  # projections ~ N(0, init_std), as in the reference
+    clone_term_weights: dict[str, float] = field(default_factory=dict)  # missing terms weigh 1
+
+    def __post_init__(self):
+        self.clone_terms = tuple(self.clone_terms)
+        unknown = set(self.clone_terms) - set(CLONE_TERMS)
+        if unknown:
+            raise ValueError(f"lrc.clone_terms: unknown {sorted(unknown)}; choose from {CLONE_TERMS}.")
+        if self.attn_out_space not in ("student", "teacher"):
+            raise ValueError(f"lrc.attn_out_space={self.attn_out_space!r}; use 'student' or 'teacher'.")
+
+    def projection_name(self, matrix: str) -> str:
+        """The projection a matrix uses: its own, or the shared one of the IO variants."""
+        if self.shared_attn_proj and matrix in ("q", "k", "v"):
+            return "attn_in"
+        if self.shared_ffn_proj and matrix in ("gate", "up"):
+            return "ffn_in"
+        return matrix
+
+
+@dataclass
+class LRCOutput:
+    teacher_hidden: Tensor  # [B, T, d_T], final-normed, no grad
+    student_hidden: Tensor  # [B, T, d_S], final-normed
+    clone: dict[str, Tensor]  # per clone term, the MSE summed over layers
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    return module.requires_grad_(False)
+
+
+class LowRankBlock(nn.Module):
+    """One LRC layer: the frozen teacher layer, its projections and the student's two RMSNorms."""
+
+    def __init__(self, teacher: DecoderLayer, cfg: LRCConfig, eps: float):
+        super().__init__()
+        self.cfg = cfg
+        self.teacher = freeze(teacher)
+        d_t, d_s = teacher.args.hidden_size, cfg.student_hidden_size
+        names = dict.fromkeys(cfg.projection_name(m) for m in ("q", "k", "v", "o", "gate", "up", "down"))
+        self.proj = nn.ParameterDict({n: nn.Parameter(torch.empty(d_t, d_s)) for n in names})
+        self.input_layernorm = RMSNorm(d_s, eps)
+        self.post_attention_layernorm = RMSNorm(d_s, eps)
+
+    def p(self, matrix: str) -> Tensor:
+        return self.proj[self.cfg.projection_name(matrix)]
+
+    def student_weights(self) -> LayerWeights:
+        t = self.teacher.weights()
+        w = {m: getattr(t, m) @ self.p(m) for m in INPUT_SIDE}
+        return replace(
+            t, **w, o=self.p("o").T @ t.o, down=self.p("down").T @ t.down,
+            attn_norm=self.input_layernorm.weight, mlp_norm=self.post_attention_layernorm.weight,
+            eps=self.input_layernorm.eps,
+        )
+
+    def teacher_forward(self, h_t: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        taps: dict[str, Tensor] = {}
+        with torch.no_grad():  # not inference_mode: FSDP must still unshard these weights
+            return self.teacher(h_t, rope, taps), taps
+
+    def student_forward(
+        self, h_s: Tensor, teacher_taps: dict[str, Tensor], rope: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        w, args, terms = self.student_weights(), self.teacher.args, self.cfg.clone_terms
+        taps: dict[str, Tensor] = {}
+        mix = attention_mix(rms_norm(h_s, w.attn_norm, w.eps), w, args, rope, taps)
+        if self.cfg.attn_out_space == "teacher":
+            attn_full = F.linear(mix, self.teacher.self_attn.o_proj.weight)
+            taps["attn_out"], attn_target = attn_full, teacher_taps["attn_out"]
+            attn_out = attn_full @ self.p("o")
+        else:
+            attn_out = F.linear(mix, w.o)
+            taps["attn_out"] = attn_out
+            attn_target = teacher_taps["attn_out"] @ self.p("o") if "attn_out" in terms else None
+        h = h_s + attn_out
+        ffn_out = F.linear(swiglu(rms_norm(h, w.mlp_norm, w.eps), w, taps), w.down)
+        targets = {m: teacher_taps[m] for m in INPUT_SIDE}
+        targets["attn_out"] = attn_target
+        if "ffn_out" in terms:
+            taps["ffn_out"], targets["ffn_out"] = ffn_out, teacher_taps["ffn_out"] @ self.p("down")
+        clone = {m: F.mse_loss(taps[m].float(), targets[m].float()) for m in terms}
+        return h + ffn_out, clone
+
+    def forward(self, h_t: Tensor, h_s: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        h_t_next, teacher_taps = self.teacher_forward(h_t, rope)
+        h_s_next, clone = self.student_forward(h_s, teacher_taps, rope)
+        return h_t_next, h_s_next, clone
+
+
+class LowRankClone(nn.Module):
+    """Teacher and generated student side by side. Only projections and student norms train."""
+
+    def __init__(self, teacher: CausalLM, cfg: LRCConfig):
+        super().__init__()
+        args = teacher.args
+        d_t, d_s = args.hidden_size, cfg.student_hidden_size
+        if not 0 < d_s <= d_t:
+            raise ValueError(f"lrc.student_hidden_size={d_s} must be in 1..{d_t} (the teacher's hidden_size).")
+        self.cfg = cfg
+        self.teacher_args = args
+        self.hf_config = teacher.hf_config
+        self.eps = args.rms_norm_eps if cfg.rms_norm_eps is None else cfg.rms_norm_eps
+        self.rotary = teacher.rotary
+        self.teacher_embed = freeze(teacher.model.embed_tokens)
+        self.embed_proj = nn.Parameter(torch.empty(d_t, d_s))
+        self.layers = nn.ModuleList(LowRankBlock(layer, cfg, self.eps) for layer in teacher.model.layers)
+        self.teacher_norm = freeze(teacher.model.norm)
+        self.norm = RMSNorm(d_s, self.eps)
+        if not args.tie_word_embeddings:
+            self.teacher_lm_head = freeze(teacher.lm_head)
+            self.lm_head_proj = nn.Parameter(torch.empty(d_t, d_s))
+
+    @classmethod
+    def from_teacher(cls, path: str | Path, cfg: LRCConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> "LowRankClone":
+        model = cls(CausalLM.from_pretrained(path, dtype=dtype), cfg)
+        model.init_weights(seed)
+        return model
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Projections ~ N(0, init_std), student norms = 1. Deterministic in `seed`."""
+        g = torch.Generator().manual_seed(seed)
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=g) * self.cfg.init_std)
+
+    def teacher_head_weight(self) -> Tensor:
+        return self.teacher_embed.weight if self.teacher_args.tie_word_embeddings else self.teacher_lm_head.weight
+
+    def student_head_weight(self) -> Tensor:
+        proj = self.embed_proj if self.teacher_args.tie_word_embeddings else self.lm_head_proj
+        return self.teacher_head_weight() @ proj
+
+    def forward(self, input_ids: Tensor) -> LRCOutput:
+        with torch.no_grad():
+            h_t = self.teacher_embed(input_ids)
+        # Gather rows first: (tokens x d_T) @ P instead of materialising the (vocab x d_S) embedding.
+        h_s = h_t @ self.embed_proj
+        rope = self.rotary.tables(input_ids.shape[1], h_s.device, h_s.dtype)
+        clone: dict[str, Tensor] = {}
+        for block in self.layers:
+            h_t, h_s, terms = block(h_t, h_s, rope)
+            for name, value in terms.items():
+                clone[name] = clone[name] + value if name in clone else value
+        with torch.no_grad():
+            h_t = self.teacher_norm(h_t)
+        return LRCOutput(h_t, self.norm(h_s), clone)
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    # ---- the student as an ordinary model --------------------------------------------------------
+
+    def student_args(self) -> ModelArgs:
+        return replace(self.teacher_args, hidden_size=self.cfg.student_hidden_size, rms_norm_eps=self.eps)
+
+    @torch.no_grad()
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """Materialise the student once, under Hugging Face names."""
+        sd = {"model.embed_tokens.weight": self.teacher_embed.weight @ self.embed_proj,
+              "model.norm.weight": self.norm.weight}
+        for i, block in enumerate(self.layers):
+            w, pre = block.student_weights(), f"model.layers.{i}."
+            for m, hf in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+                sd[f"{pre}self_attn.{hf}.weight"] = getattr(w, m)
+                if getattr(w, f"{m}_bias", None) is not None:
+                    sd[f"{pre}self_attn.{hf}.bias"] = getattr(w, f"{m}_bias")
+            if w.q_norm is not None:
+                sd[f"{pre}self_attn.q_norm.weight"], sd[f"{pre}self_attn.k_norm.weight"] = w.q_norm, w.k_norm
+            for m in ("gate", "up", "down"):
+                sd[f"{pre}mlp.{m}_proj.weight"] = getattr(w, m)
+            sd[f"{pre}input_layernorm.weight"], sd[f"{pre}post_attention_layernorm.weight"] = w.attn_norm, w.mlp_norm
+        if not self.teacher_args.tie_word_embeddings:
+            sd["lm_head.weight"] = self.student_head_weight()
+        return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+# ---- the trainable state on disk (what export reads) ---------------------------------------------
+
+LRC_CONFIG_FILE, LRC_WEIGHTS_FILE = "lrc_config.json", "lrc_trainable.safetensors"
+
+
+def save_lrc(model: LowRankClone, path: str | Path, teacher_path: str | Path) -> None:
+    """Write the trainable tensors and the config; the teacher is referenced, never copied."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.trainable_state_dict().items()}, str(path / LRC_WEIGHTS_FILE))
+    meta = {"teacher": str(Path(teacher_path).resolve()), "lrc": asdict(model.cfg)}
+    (path / LRC_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def read_lrc_meta(path: str | Path) -> dict:
+    """{"teacher": path, "lrc": LRCConfig fields} of a directory written by `save_lrc`."""
+    file = Path(path) / LRC_CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no {LRC_CONFIG_FILE}; pass a directory written by lrc_dist.lrc.save_lrc.")
+    return json.loads(file.read_text())
+
+
+def load_lrc(path: str | Path, teacher_path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LowRankClone:
+    """Rebuild a saved LRC model; `teacher_path` overrides the teacher directory recorded at save time."""
+    path = Path(path)
+    meta = read_lrc_meta(path)
+    model = LowRankClone(CausalLM.from_pretrained(teacher_path or meta["teacher"], dtype=dtype), LRCConfig(**meta["lrc"]))
+    state = {k: v.to(dtype) for k, v in load_file(str(path / LRC_WEIGHTS_FILE)).items()}
+    expected = model.trainable_state_dict()
+    if set(state) != set(expected):
+        raise CheckpointError(f"{path / LRC_WEIGHTS_FILE} does not fit teacher {meta['teacher']}: "
+                              f"missing {sorted(set(expected) - set(state))[:5]}, extra {sorted(set(state) - set(expected))[:5]}.")
+    model.load_state_dict(state, strict=False)
+    return model

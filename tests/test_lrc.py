@@ -1,0 +1,104 @@
+"""The LRC model: identity clone, which parameters learn, loss goes down, options, errors."""
+
+import pytest
+import torch
+
+from conftest import build_checkpoint, rel_err
+from lrc_dist.losses import LossConfig, lrc_loss
+from lrc_dist.lrc import CLONE_TERMS, LowRankClone, LRCConfig
+from lrc_dist.model import CausalLM
+
+IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+
+
+def identity_clone(path, **cfg) -> tuple[LowRankClone, CausalLM]:
+    """d_S = d_T, every P = I and student norms = teacher norms: the student is the teacher."""
+    teacher = CausalLM.from_pretrained(path)
+    model = LowRankClone(CausalLM.from_pretrained(path), LRCConfig(teacher.args.hidden_size, **cfg))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and not name.endswith("norm.weight"):
+                p.copy_(torch.eye(p.shape[0]))
+        for block in model.layers:
+            block.input_layernorm.weight.copy_(block.teacher.input_layernorm.weight)
+            block.post_attention_layernorm.weight.copy_(block.teacher.post_attention_layernorm.weight)
+        model.norm.weight.copy_(model.teacher_norm.weight)
+    return model, teacher
+
+
+@pytest.mark.parametrize("variant", [{}, {"shared_attn_proj": True, "shared_ffn_proj": True}, {"attn_out_space": "teacher"}])
+def test_identity_projection_reproduces_teacher(checkpoint, variant):
+    model, teacher = identity_clone(checkpoint, **variant)
+    with torch.no_grad():
+        out = model(IDS)
+        student_logits = out.student_hidden @ model.student_head_weight().T
+        assert rel_err(student_logits, teacher(IDS)) < 1e-6
+        assert rel_err(out.student_hidden, out.teacher_hidden) < 1e-6
+    assert set(out.clone) == set(CLONE_TERMS)
+    assert all(v.item() < 1e-10 for v in out.clone.values())
+
+
+def test_only_projections_and_student_norms_learn(checkpoint):
+    model = LowRankClone.from_teacher(checkpoint, LRCConfig(32))
+    total, _ = lrc_loss(model, model(IDS), IDS, LossConfig())
+    total.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+            assert "proj" in name or name.endswith("norm.weight") and "teacher" not in name, name
+        else:
+            assert p.grad is None, name
+    n_layers, tied = model.teacher_args.num_layers, model.teacher_args.tie_word_embeddings
+    n_proj = sum(1 for n in trainable if "proj" in n)
+    assert n_proj == 7 * n_layers + 1 + (not tied)
+    assert len(trainable) - n_proj == 2 * n_layers + 1  # two norms per layer and the final one
+
+
+def test_teacher_activations_are_not_in_the_graph(tmp_path):
+    model = LowRankClone.from_teacher(build_checkpoint(tmp_path / "m", "qwen2"), LRCConfig(32))
+    out = model(IDS)
+    assert not out.teacher_hidden.requires_grad and out.student_hidden.requires_grad
+
+
+@pytest.mark.parametrize("term", ["loss", "kl", "clone"])
+def test_a_few_steps_lower_the_loss(tmp_path, term):
+    """AdamW on the full objective lowers it; on KL (or clone) alone, lowers that term."""
+    model = LowRankClone.from_teacher(build_checkpoint(tmp_path / "m", "llama3"), LRCConfig(32))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+    only = {"kl": dict(lm_weight=0.0, clone_weight=0.0), "clone": dict(lm_weight=0.0, kl_weight=0.0)}
+    cfg = LossConfig(temperature=2.0, **only.get(term, {}))
+    history = []
+    for _ in range(15):
+        total, metrics = lrc_loss(model, model(IDS), IDS, cfg)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        history.append(metrics[term].item())
+    assert history[-1] < 0.8 * history[0], history
+
+
+def test_clone_term_selection_and_weights(tmp_path):
+    path = build_checkpoint(tmp_path / "m", "qwen3")
+    model = LowRankClone.from_teacher(path, LRCConfig(32, clone_terms=("gate", "ffn_out")))
+    out = model(IDS)
+    assert set(out.clone) == {"gate", "ffn_out"}
+    model.cfg.clone_term_weights = {"gate": 0.0}
+    _, metrics = lrc_loss(model, out, IDS, LossConfig())
+    assert torch.allclose(metrics["clone"], out.clone["ffn_out"].detach())
+
+
+def test_io_variants_share_projections(tmp_path):
+    path = build_checkpoint(tmp_path / "m", "llama2")
+    model = LowRankClone.from_teacher(path, LRCConfig(32, shared_attn_proj=True, shared_ffn_proj=True))
+    assert sorted(model.layers[0].proj) == ["attn_in", "down", "ffn_in", "o"]
+
+
+def test_bad_options(tmp_path):
+    path = build_checkpoint(tmp_path / "m", "llama2")
+    with pytest.raises(ValueError, match="student_hidden_size=65 must be in 1..64"):
+        LowRankClone.from_teacher(path, LRCConfig(65))
+    with pytest.raises(ValueError, match="unknown"):
+        LRCConfig(32, clone_terms=("q", "attn"))
+    with pytest.raises(ValueError, match="attn_out_space"):
+        LRCConfig(32, attn_out_space="both")
