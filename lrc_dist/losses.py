@@ -60,8 +60,8 @@ class _HeadLosses(torch.autograd.Function):
             dz.mul_(valid / normalizer)
             if need_h:
                 grad_h[start : start + chunk] = (dz.to(w_s.dtype) @ w_s).to(h_s.dtype)
-            if need_w:
-                grad_w += dz.T @ hs.float()
+            if need_w:  # matmul in the input dtype (tensor cores), accumulation over chunks in fp32
+                grad_w += dz.T.to(hs.dtype) @ hs
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w_s.dtype
         lm, kl = lm_sum / normalizer, kl_sum / normalizer

@@ -89,7 +89,8 @@ class LowRankBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(d_s, eps)
 
     def p(self, matrix: str) -> Tensor:
-        return self.proj[self.cfg.projection_name(matrix)]
+        """The projection of `matrix`, in the teacher's dtype (trainable tensors stay fp32 masters)."""
+        return self.proj[self.cfg.projection_name(matrix)].to(self.teacher.input_layernorm.weight.dtype)
 
     def student_weights(self) -> LayerWeights:
         t = self.teacher.weights()
@@ -180,13 +181,14 @@ class LowRankClone(nn.Module):
 
     def student_head_weight(self) -> Tensor:
         proj = self.embed_proj if self.teacher_args.tie_word_embeddings else self.lm_head_proj
-        return self.teacher_head_weight() @ proj
+        teacher = self.teacher_head_weight()
+        return teacher @ proj.to(teacher.dtype)
 
     def forward(self, input_ids: Tensor) -> LRCOutput:
         with torch.no_grad():
             h_t = self.teacher_embed(input_ids)
         # Gather rows first: (tokens x d_T) @ P instead of materialising the (vocab x d_S) embedding.
-        h_s = h_t @ self.embed_proj
+        h_s = h_t @ self.embed_proj.to(h_t.dtype)
         rope = self.rotary.tables(input_ids.shape[1], h_s.device, h_s.dtype)
         clone: dict[str, Tensor] = {}
         for block in self.layers:
@@ -208,7 +210,7 @@ class LowRankClone(nn.Module):
     @torch.no_grad()
     def student_state_dict(self) -> dict[str, Tensor]:
         """Materialise the student once, under Hugging Face names."""
-        sd = {"model.embed_tokens.weight": self.teacher_embed.weight @ self.embed_proj,
+        sd = {"model.embed_tokens.weight": self.teacher_embed.weight @ self.embed_proj.to(self.teacher_embed.weight.dtype),
               "model.norm.weight": self.norm.weight}
         for i, block in enumerate(self.layers):
             w, pre = block.student_weights(), f"model.layers.{i}."
@@ -223,7 +225,8 @@ class LowRankClone(nn.Module):
             sd[f"{pre}input_layernorm.weight"], sd[f"{pre}post_attention_layernorm.weight"] = w.attn_norm, w.mlp_norm
         if not self.teacher_args.tie_word_embeddings:
             sd["lm_head.weight"] = self.student_head_weight()
-        return {k: v.detach().contiguous() for k, v in sd.items()}
+        dtype = self.teacher_embed.weight.dtype
+        return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
 
 
 # ---- the trainable state on disk (what export reads) ---------------------------------------------

@@ -97,10 +97,11 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # Normalise in fp32, scale in the input dtype: the same rounding as transformers.
+    # Normalise in fp32, scale in the input dtype: the same rounding as transformers. The weight is
+    # cast so that fp32 master weights (LRC's student norms) keep bf16 activations bf16.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight.to(x.dtype) * xf.to(x.dtype)
 
 
 class Rotary:

@@ -102,3 +102,19 @@ def test_bad_options(tmp_path):
         LRCConfig(32, clone_terms=("q", "attn"))
     with pytest.raises(ValueError, match="attn_out_space"):
         LRCConfig(32, attn_out_space="both")
+
+
+def test_bf16_teacher_with_fp32_master_projections(tmp_path):
+    path = build_checkpoint(tmp_path / "m", "qwen2")
+    ref = LowRankClone.from_teacher(path, LRCConfig(32))
+    model = LowRankClone.from_teacher(path, LRCConfig(32), dtype=torch.bfloat16)
+    total, metrics = lrc_loss(model, out := model(IDS), IDS, LossConfig())
+    ref_total, _ = lrc_loss(ref, ref(IDS), IDS, LossConfig())
+    total.backward()
+    assert out.student_hidden.dtype == torch.bfloat16
+    assert abs(total.item() - ref_total.item()) < 2e-2 * ref_total.item()
+    for name, p in model.named_parameters():
+        assert (p.dtype, p.grad is not None and p.grad.dtype) == (
+            (torch.float32, torch.float32) if p.requires_grad else (torch.bfloat16, False)
+        ), name
+    assert all(v.dtype == torch.bfloat16 for v in model.student_state_dict().values())
