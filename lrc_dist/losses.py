@@ -10,11 +10,13 @@ then only scales the stored gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lrc_dist.lrc import LowRankClone, LRCOutput
+if TYPE_CHECKING:
+    from lrc_dist.lrc import LowRankClone
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB fp32 each for student and teacher)
@@ -27,6 +29,13 @@ class LossConfig:
     clone_weight: float = 0.5  # alpha; the paper uses 0.2 (1.5B) or 0.5 (1.7B, 4B)
     temperature: float = 40.0  # softmax temperature of the KL term (paper: 40)
     chunk_tokens: int | None = None  # tokens per chunk of the head losses; None: ~CHUNK_ELEMENTS logits
+
+
+@dataclass
+class LRCOutput:
+    teacher_hidden: Tensor  # [B, T, d_T], final-normed, no grad
+    student_hidden: Tensor  # [B, T, d_S], final-normed
+    clone: dict[str, Tensor]  # per clone term, the MSE summed over layers
 
 
 class _HeadLosses(torch.autograd.Function):
@@ -101,7 +110,7 @@ def head_losses(
 
 
 def lrc_loss(
-    model: LowRankClone, out: LRCOutput, labels: Tensor, cfg: LossConfig, normalizer: float | None = None
+    model: "LowRankClone", out: LRCOutput, labels: Tensor, cfg: LossConfig, normalizer: float | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The total LRC loss and its detached terms for logging."""
     head, lm, kl = head_losses(

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from lrc_dist.losses import LossConfig, LRCOutput, lrc_loss
 from lrc_dist.model import (
     CausalLM,
     CheckpointError,
@@ -64,13 +66,6 @@ class LRCConfig:
         return matrix
 
 
-@dataclass
-class LRCOutput:
-    teacher_hidden: Tensor  # [B, T, d_T], final-normed, no grad
-    student_hidden: Tensor  # [B, T, d_S], final-normed
-    clone: dict[str, Tensor]  # per clone term, the MSE summed over layers
-
-
 def freeze(module: nn.Module) -> nn.Module:
     return module.requires_grad_(False)
 
@@ -87,6 +82,7 @@ class LowRankBlock(nn.Module):
         self.proj = nn.ParameterDict({n: nn.Parameter(torch.empty(d_t, d_s)) for n in names})
         self.input_layernorm = RMSNorm(d_s, eps)
         self.post_attention_layernorm = RMSNorm(d_s, eps)
+        self.activation_checkpointing = False
 
     def p(self, matrix: str) -> Tensor:
         """The projection of `matrix`, in the teacher's dtype (trainable tensors stay fp32 masters)."""
@@ -131,7 +127,11 @@ class LowRankBlock(nn.Module):
 
     def forward(self, h_t: Tensor, h_s: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         h_t_next, teacher_taps = self.teacher_forward(h_t, rope)
-        h_s_next, clone = self.student_forward(h_s, teacher_taps, rope)
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            # Recompute only the student in backward; the teacher's taps are kept, never recomputed.
+            h_s_next, clone = checkpoint(self.student_forward, h_s, teacher_taps, rope, use_reentrant=False)
+        else:
+            h_s_next, clone = self.student_forward(h_s, teacher_taps, rope)
         return h_t_next, h_s_next, clone
 
 
@@ -184,7 +184,18 @@ class LowRankClone(nn.Module):
         teacher = self.teacher_head_weight()
         return teacher @ proj.to(teacher.dtype)
 
-    def forward(self, input_ids: Tensor) -> LRCOutput:
+    def forward(
+        self, input_ids: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training step's forward: lockstep pass and loss (see `lrc_loss`).
+
+        The loss is computed here, inside the root module's forward, because FSDP2 and ZeRO-3 only
+        gather the vocabulary-sized head weights while that forward runs.
+        """
+        return lrc_loss(self, self.lockstep(input_ids), labels, loss_cfg, normalizer)
+
+    def lockstep(self, input_ids: Tensor) -> LRCOutput:
+        """Teacher and student side by side through all layers; no loss."""
         with torch.no_grad():
             h_t = self.teacher_embed(input_ids)
         # Gather rows first: (tokens x d_T) @ P instead of materialising the (vocab x d_S) embedding.

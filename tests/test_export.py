@@ -34,7 +34,7 @@ def trained_looking_clone(teacher: str, **cfg) -> LowRankClone:
 
 def student_logits(model: LowRankClone) -> torch.Tensor:
     with torch.no_grad():
-        return model(IDS).student_hidden @ model.student_head_weight().T
+        return model.lockstep(IDS).student_hidden @ model.student_head_weight().T
 
 
 def test_export_matches_lrc_student(tmp_path, family):

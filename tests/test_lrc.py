@@ -30,7 +30,7 @@ def identity_clone(path, **cfg) -> tuple[LowRankClone, CausalLM]:
 def test_identity_projection_reproduces_teacher(checkpoint, variant):
     model, teacher = identity_clone(checkpoint, **variant)
     with torch.no_grad():
-        out = model(IDS)
+        out = model.lockstep(IDS)
         student_logits = out.student_hidden @ model.student_head_weight().T
         assert rel_err(student_logits, teacher(IDS)) < 1e-6
         assert rel_err(out.student_hidden, out.teacher_hidden) < 1e-6
@@ -40,7 +40,7 @@ def test_identity_projection_reproduces_teacher(checkpoint, variant):
 
 def test_only_projections_and_student_norms_learn(checkpoint):
     model = LowRankClone.from_teacher(checkpoint, LRCConfig(32))
-    total, _ = lrc_loss(model, model(IDS), IDS, LossConfig())
+    total, _ = model(IDS, IDS, LossConfig())
     total.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     for name, p in model.named_parameters():
@@ -57,7 +57,7 @@ def test_only_projections_and_student_norms_learn(checkpoint):
 
 def test_teacher_activations_are_not_in_the_graph(tmp_path):
     model = LowRankClone.from_teacher(build_checkpoint(tmp_path / "m", "qwen2"), LRCConfig(32))
-    out = model(IDS)
+    out = model.lockstep(IDS)
     assert not out.teacher_hidden.requires_grad and out.student_hidden.requires_grad
 
 
@@ -70,7 +70,7 @@ def test_a_few_steps_lower_the_loss(tmp_path, term):
     cfg = LossConfig(temperature=2.0, **only.get(term, {}))
     history = []
     for _ in range(15):
-        total, metrics = lrc_loss(model, model(IDS), IDS, cfg)
+        total, metrics = model(IDS, IDS, cfg)
         opt.zero_grad()
         total.backward()
         opt.step()
@@ -81,7 +81,7 @@ def test_a_few_steps_lower_the_loss(tmp_path, term):
 def test_clone_term_selection_and_weights(tmp_path):
     path = build_checkpoint(tmp_path / "m", "qwen3")
     model = LowRankClone.from_teacher(path, LRCConfig(32, clone_terms=("gate", "ffn_out")))
-    out = model(IDS)
+    out = model.lockstep(IDS)
     assert set(out.clone) == {"gate", "ffn_out"}
     model.cfg.clone_term_weights = {"gate": 0.0}
     _, metrics = lrc_loss(model, out, IDS, LossConfig())
@@ -108,8 +108,8 @@ def test_bf16_teacher_with_fp32_master_projections(tmp_path):
     path = build_checkpoint(tmp_path / "m", "qwen2")
     ref = LowRankClone.from_teacher(path, LRCConfig(32))
     model = LowRankClone.from_teacher(path, LRCConfig(32), dtype=torch.bfloat16)
-    total, metrics = lrc_loss(model, out := model(IDS), IDS, LossConfig())
-    ref_total, _ = lrc_loss(ref, ref(IDS), IDS, LossConfig())
+    total, metrics = lrc_loss(model, out := model.lockstep(IDS), IDS, LossConfig())
+    ref_total, _ = ref(IDS, IDS, LossConfig())
     total.backward()
     assert out.student_hidden.dtype == torch.bfloat16
     assert abs(total.item() - ref_total.item()) < 2e-2 * ref_total.item()
@@ -118,3 +118,21 @@ def test_bf16_teacher_with_fp32_master_projections(tmp_path):
             (torch.float32, torch.float32) if p.requires_grad else (torch.bfloat16, False)
         ), name
     assert all(v.dtype == torch.bfloat16 for v in model.student_state_dict().values())
+
+
+def test_activation_checkpointing_same_grads_teacher_run_once(tmp_path):
+    path = build_checkpoint(tmp_path / "m", "qwen3")
+    grads, teacher_calls = [], []
+    for ac in (False, True):
+        model = LowRankClone.from_teacher(path, LRCConfig(32))
+        calls = []
+        for block in model.layers:
+            block.activation_checkpointing = ac
+            block.teacher.register_forward_hook(lambda *_: calls.append(1))
+        total, _ = model(IDS, IDS, LossConfig())
+        total.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        teacher_calls.append(len(calls))
+    assert teacher_calls == [2, 2]  # once per layer, also when the student is recomputed
+    for name, g in grads[0].items():
+        assert torch.equal(g, grads[1][name]), name
