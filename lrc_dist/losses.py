@@ -112,15 +112,22 @@ def head_losses(
 def lrc_loss(
     model: "LowRankClone", out: LRCOutput, labels: Tensor, cfg: LossConfig, normalizer: float | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The total LRC loss and its detached terms for logging."""
+    """The total LRC loss and its detached terms for logging.
+
+    With a global `normalizer` (labelled tokens of the whole step, all ranks and micro-batches), the
+    per-micro-batch clone MSE is weighted by this micro-batch's share of those tokens, so that
+    summing losses (and gradients) over micro-batches and ranks gives the step's token mean.
+    """
+    local = (labels != IGNORE_INDEX).sum()
+    share = 1.0 if normalizer is None else local / normalizer
     head, lm, kl = head_losses(
         out.student_hidden.flatten(0, 1), model.student_head_weight(),
         out.teacher_hidden.flatten(0, 1), model.teacher_head_weight(),
         labels.flatten(), cfg, normalizer,
     )
     weights = model.cfg.clone_term_weights
-    clone = sum(weights.get(name, 1.0) * value for name, value in out.clone.items())
+    clone = share * sum(weights.get(name, 1.0) * value for name, value in out.clone.items())
     total = head + cfg.clone_weight * clone
     metrics = {"loss": total, "lm": lm, "kl": kl, "clone": clone}
-    metrics.update({f"clone/{name}": value for name, value in out.clone.items()})
+    metrics.update({f"clone/{name}": share * value for name, value in out.clone.items()})
     return total, {k: torch.as_tensor(v).detach() for k, v in metrics.items()}

@@ -56,3 +56,49 @@ def checkpoint(tmp_path, family):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+# ---- a tiny but real training job: tokenizer, teacher and token set, all built offline ----------
+
+WORDS = ("the model learns small students from large teachers while tokens flow through layers of "
+         "attention and feed forward networks with low rank projections cloning every activation").split()
+
+
+def write_corpus(path, docs: int = 200, seed: int = 0) -> None:
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(docs):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + "."
+            f.write(json.dumps({"text": text}) + "\n")
+
+
+def build_tokenizer(path, corpus, vocab_size: int = 300) -> None:
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [json.loads(line)["text"] for line in open(corpus)]
+    tok.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_job(tmp_path_factory):
+    """(teacher dir with its tokenizer, token-set dir): a teacher of vocab 300 and a corpus for it."""
+    from lrc_dist.pretokenize import tokenize_corpus
+
+    root = tmp_path_factory.mktemp("job")
+    write_corpus(root / "corpus.jsonl")
+    teacher = build_checkpoint(root / "teacher", "qwen2", vocab_size=300)
+    build_tokenizer(teacher, root / "corpus.jsonl")
+    tokenize_corpus(str(root / "corpus.jsonl"), teacher, str(root / "tokens"), workers=1, progress=False)
+    return teacher, str(root / "tokens")

@@ -1,0 +1,88 @@
+"""Training metrics: FLOPs and MFU of an LRC step, and a rank-0 logger (console, JSONL, wandb)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+
+import torch
+
+from lrc_dist.model import ModelArgs
+
+# Dense bf16 tensor-core peak per device, by substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "H20": 148e12, "A100": 312e12,
+                   "A800": 312e12, "L40S": 362e12, "B200": 2250e12, "GB200": 2500e12}
+
+
+def lrc_flops_per_token(args: ModelArgs, d_s: int, seq_len: int, tokens_per_forward: int) -> float:
+    """Model FLOPs of one trained token (activation recompute not counted, as MFU conventionally).
+
+    = teacher forward + student forward and backward at width d_S + the projection work: generating
+    every student weight W_T @ P once per forward (and its gradient for P), and mapping embeddings
+    and the attention/FFN clone targets through P.
+    """
+    q, kv, inter, d_t, vocab, layers = (args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim,
+                                        args.intermediate_size, args.hidden_size, args.vocab_size, args.num_layers)
+
+    def layer_matmul_params(d: int) -> int:
+        return d * (q + 2 * kv) + q * d + 3 * d * inter
+
+    attention = 4 * seq_len * q  # scores and weighted values, forward, per layer (no causal discount)
+    teacher = 2 * (layers * layer_matmul_params(d_t) + vocab * d_t) + layers * attention
+    student = 3 * (2 * (layers * layer_matmul_params(d_s) + vocab * d_s) + layers * attention)
+    per_token_projection = 4 * d_t * d_s * (1 + 2 * layers)  # embedding, o and down clone targets: fwd + dP
+    weight_generation = 4 * d_t * d_s * (layers * (2 * q + 2 * kv + 3 * inter) + vocab)  # per forward
+    return teacher + student + per_token_projection + weight_generation / tokens_per_forward
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+
+
+class MetricsLogger:
+    """Writes on rank 0 only: a console line, `metrics.jsonl` under the run dir, and wandb if set."""
+
+    def __init__(self, run_dir: str | Path, is_main: bool, wandb_project: str | None, wandb_mode: str,
+                 run_name: str | None, config: dict):
+        self.is_main, self.wandb = is_main, None
+        if not is_main:
+            return
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+        if wandb_project and wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_DIR", str(run_dir))
+            self.wandb = wandb.init(project=wandb_project, name=run_name, mode=wandb_mode, config=config,
+                                    dir=str(run_dir), resume="allow")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        record = {"step": step, **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        shown = ("loss", "lm", "kl", "clone", "grad_norm", "lr", "tokens_per_s_per_device", "mfu", "memory_gb")
+        print(f"step {step:>7} | " + " | ".join(f"{k} {metrics[k]:.4g}" for k in shown if metrics.get(k) is not None),
+              flush=True)
+
+    def close(self) -> None:
+        if self.is_main:
+            self.jsonl.close()
+            if self.wandb is not None:
+                self.wandb.finish()

@@ -1,0 +1,246 @@
+"""Distributed backends: FSDP2 (`fully_shard`), DeepSpeed ZeRO, or one plain process.
+
+Each backend wraps a `LowRankClone` behind one small interface the trainer uses: call the model,
+`backward` (or `skip_micro` for a non-finite loss), `step` (clip + optimizer) or `skip_step`,
+`set_lr`, checkpoint `save`/`load`, and `full_trainable_state` for exports. The
+unit of sharding is the `LowRankBlock` (frozen teacher layer + its projections + student norms).
+Gradients are *summed* over micro-batches and ranks: the loss is pre-divided by the global token
+count (see losses.py), so the trainer multiplies it by the world size to undo the backends' mean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from lrc_dist.config import TrainConfig
+from lrc_dist.lrc import LowRankBlock, LowRankClone
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun job, or start a one-process group so the same code runs everywhere."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        with socket.socket() as s:  # a free port for a private single-process rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def dtype_of(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype; use bfloat16, float16 or float32.")
+    return dtype
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
+    o = cfg.optim
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+class TorchBackend:
+    """FSDP2-sharded (`backend: fsdp`) or plain (`backend: none`) model; DCP checkpoints for both."""
+
+    def __init__(self, model: LowRankClone, cfg: TrainConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        for block in model.layers:
+            block.activation_checkpointing = cfg.parallel.activation_checkpointing
+        model.to(info.device)
+        if cfg.parallel.backend == "fsdp":
+            shard_fsdp(model, cfg, info)
+        self.model = model
+        self.params = trainable(model)
+        self.optimizer = adamw(self.params, cfg)
+        self.state_options = StateDictOptions(ignore_frozen_params=True)  # the teacher is never saved
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip or float("inf"), foreach=True)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.item()
+
+    def skip_micro(self) -> None:
+        """A micro-batch with a non-finite loss: no backward."""
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def save(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+
+    def load(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))  # reshards: the world size may differ from the save
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=self.state_options)
+
+    def full_trainable_state(self) -> dict[str, torch.Tensor]:
+        """Unsharded trainable tensors on CPU (all ranks call; rank 0 gets them)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        model_sd, _ = get_state_dict(self.model, [], options=options)
+        return model_sd
+
+
+def teacher_fits(model: LowRankClone, info: DistInfo) -> bool:
+    """Replicating the teacher saves an all-gather per layer; do it when it takes < 1/4 of memory."""
+    teacher_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    if info.device.type == "cuda":
+        total = torch.cuda.get_device_properties(info.device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+    return teacher_bytes < total // 4
+
+
+def shard_fsdp(model: LowRankClone, cfg: TrainConfig, info: DistInfo) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mode = cfg.parallel.teacher
+    if mode not in ("auto", "shard", "replicate"):
+        raise ValueError(f"parallel.teacher={mode!r}; use auto, shard or replicate.")
+    replicate = mode == "replicate" or (mode == "auto" and teacher_fits(model, info))
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=dtype_of(cfg.parallel.param_dtype), reduce_dtype=dtype_of(cfg.parallel.reduce_dtype))
+
+    def frozen(module: nn.Module) -> set[nn.Parameter] | None:
+        return {p for p in module.parameters() if not p.requires_grad} if replicate else None
+
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=frozen(block))
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=frozen(model))
+
+
+class DeepSpeedBackend:
+    """DeepSpeed ZeRO (stage and offload from the JSON config); blocks are ZeRO-3 leaf modules."""
+
+    def __init__(self, model: LowRankClone, cfg: TrainConfig, info: DistInfo, grad_accum: int):
+        import deepspeed
+        from deepspeed.utils import set_z3_leaf_modules
+
+        self.cfg, self.info = cfg, info
+        ds_config = deepspeed_config(cfg, grad_accum)
+        for block in model.layers:
+            block.activation_checkpointing = cfg.parallel.activation_checkpointing
+        if ds_config["zero_optimization"].get("stage", 0) == 3:
+            # Gather a whole block at once: its forward reads the teacher weights of child modules
+            # directly (W_T @ P), which ZeRO-3's per-module hooks would otherwise never fetch.
+            set_z3_leaf_modules(model, [LowRankBlock])
+            for weight in (model.teacher_embed.weight, model.teacher_head_weight()):
+                deepspeed.zero.register_external_parameter(model, weight)
+        optimizer = adamw(trainable(model), cfg)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.model = self.engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised globally
+        self.engine.step()  # DeepSpeed steps the optimizer itself at the accumulation boundary
+
+    def step(self) -> float:
+        return float(self.engine.get_global_grad_norm() or 0.0)
+
+    def skip_micro(self) -> None:
+        # No backward, but DeepSpeed's micro-step counter must stay aligned with the trainer's:
+        # the boundary step still runs, at lr 0, so the weights do not move.
+        self.set_lr(0.0)
+        self.engine.step()
+
+    def skip_step(self) -> None:
+        """Nothing left to undo: `skip_micro` already zeroed this step's learning rate."""
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def save(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path), tag="state", save_latest=False, exclude_frozen_parameters=True)
+
+    def load(self, path: Path) -> None:
+        loaded, _ = self.engine.load_checkpoint(str(path), tag="state", load_module_strict=False)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}.")
+
+    def full_trainable_state(self) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        module = self.engine.module
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().float().cpu().clone() for n, p in named} if self.info.is_main else {}
+
+
+def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
+    """The JSON config with every "auto" filled from the training config."""
+    path = Path(cfg.parallel.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"parallel.deepspeed_config={path} does not exist; see ds_configs/.")
+    ds = json.loads(path.read_text())
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.micro_batch_size,
+        gradient_accumulation_steps=grad_accum,
+        train_batch_size=cfg.global_batch_size,
+        gradient_clipping=cfg.optim.grad_clip,
+        steps_per_print=10**9,
+    )
+    bf16 = dtype_of(cfg.model.dtype) == torch.bfloat16
+    ds["bf16"] = {"enabled": bf16}
+    ds.setdefault("zero_optimization", {})
+    ds["zero_force_ds_cpu_optimizer"] = False  # plain torch AdamW: no cpu_adam compile
+    return ds
+
+
+def build_backend(model: LowRankClone, cfg: TrainConfig, info: DistInfo, grad_accum: int):
+    backend = cfg.parallel.backend
+    if backend in ("fsdp", "none"):
+        if backend == "none" and info.world_size > 1:
+            raise ValueError("parallel.backend=none runs one process; use fsdp or deepspeed under torchrun.")
+        return TorchBackend(model, cfg, info)
+    if backend == "deepspeed":
+        return DeepSpeedBackend(model, cfg, info, grad_accum)
+    raise ValueError(f"parallel.backend={backend!r}; use fsdp, deepspeed or none.")
