@@ -118,8 +118,11 @@ class TorchBackend:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path))  # reshards: the world size may differ from the save
+        # strict=False: the teacher is absent by design; DCP's load above already failed on any
+        # trainable tensor missing from the checkpoint.
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=self.state_options)
+                       optim_state_dict=state["optim"], options=options)
 
     def full_trainable_state(self) -> dict[str, torch.Tensor]:
         """Unsharded trainable tensors on CPU (all ranks call; rank 0 gets them)."""

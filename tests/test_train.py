@@ -1,0 +1,199 @@
+"""The trainer end to end on CPU with gloo: every backend gives the single-process loss curve,
+resume (also onto another world size) continues it exactly, and the student exports."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lrc_dist.checkpoint import Checkpointer
+from lrc_dist.config import load_config
+from lrc_dist.train import NonFiniteLossError, lr_at, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs/tiny_cpu.yaml")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
+       "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/lrc_dist/torch_extensions")}
+
+
+def run(job, run_dir, nproc=1, *overrides) -> list[dict]:
+    """Train the tiny job (under torchrun when nproc > 1); returns the run's metrics records."""
+    teacher, tokens = job
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
+        else [sys.executable]
+    cmd = [*launcher, "-m", "lrc_dist.train", TINY, f"--model.teacher={teacher}", f"--data.paths=[{tokens}]",
+           f"--checkpoint.dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env={**ENV, "WANDB_DIR": str(run_dir)}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+
+
+def assert_same_curve(got: list[dict], want: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        for key in ("loss", "lm", "kl", "clone", "clone/ffn_out", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5), (g["step"], key)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_job, tmp_path_factory):
+    """One plain process, no sharding: the curve every backend must reproduce."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    return run(tiny_job, run_dir, 1, "--parallel.backend=none", "--log.wandb_project=lrc_test"), run_dir
+
+
+def test_reference_run_learns_exports_and_logs(reference, tiny_job):
+    records, run_dir = reference
+    assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
+    assert {"lm", "kl", "clone", "clone/q", "grad_norm", "lr", "tokens_per_s_per_device", "memory_gb"} <= set(records[0])
+    hf = AutoModelForCausalLM.from_pretrained(run_dir / "export_00000006/hf")
+    assert hf.config.hidden_size == 32
+    assert (run_dir / "export_00000006/hf/tokenizer.json").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
+    assert (run_dir / "latest").read_text().strip() == "step_00000006"
+
+
+def test_fsdp_two_ranks_and_resume_on_one_rank(reference, tiny_job, tmp_path):
+    """FSDP2 with a sharded teacher on 2 ranks, stopped at step 3, resumed on 1 rank (replicated
+    teacher): the loss curve is the single-process one throughout."""
+    first = run(tiny_job, tmp_path, 2, "--parallel.backend=fsdp", "--parallel.teacher=shard", "--stop_at=3")
+    saved = set(_dcp_keys(tmp_path / "step_00000003"))
+    assert saved and not any("teacher" in k for k in saved), "teacher weights must never be checkpointed"
+    resumed = run(tiny_job, tmp_path, 1, "--parallel.backend=fsdp", "--parallel.teacher=replicate")
+    assert_same_curve(resumed, reference[0])
+    assert len(first) == 3
+
+
+def _dcp_keys(path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+
+
+def test_deepspeed_zero3_curve_and_resume(reference, tiny_job, tmp_path):
+    run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed", "--stop_at=3")
+    states = torch.load(tmp_path / "step_00000003/state/zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
+    assert not any("teacher" in k for k in states["module"] or {}), "teacher weights must never be checkpointed"
+    assert_same_curve(run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed"), reference[0])
+
+
+# ---- in-process: non-finite losses, schedule, checkpoint mechanics ------------------------------
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """Env for an in-process single-rank run; the process group is torn down afterwards."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def tiny_cfg(job, run_dir, **overrides):
+    teacher, tokens = job
+    return load_config(TINY, {"model.teacher": teacher, "data.paths": [tokens], "checkpoint.dir": str(run_dir),
+                              "checkpoint.export_interval": 0, **overrides})
+
+
+def nan_on_steps(monkeypatch, bad_calls: set[int] | None):
+    """Make the model's loss NaN on the given forward calls (all when None)."""
+    from lrc_dist.lrc import LowRankClone
+
+    forward, calls = LowRankClone.forward, []
+
+    def poisoned(self, *args, **kwargs):
+        loss, metrics = forward(self, *args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), metrics) if bad_calls is None or len(calls) in bad_calls else (loss, metrics)
+
+    monkeypatch.setattr(LowRankClone, "forward", poisoned)
+
+
+def test_nan_step_is_skipped_and_counted(one_process, tiny_job, tmp_path, monkeypatch):
+    nan_on_steps(monkeypatch, {3})  # the first micro-batch of step 2 (two micro-batches per step)
+    train(tiny_cfg(tiny_job, tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["skipped_step"] for r in records] == [0, 1, 0, 0, 0, 0]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+
+def test_persistent_nan_aborts_with_clear_message(one_process, tiny_job, tmp_path, monkeypatch):
+    nan_on_steps(monkeypatch, None)
+    with pytest.raises(NonFiniteLossError, match="2 consecutive steps had a non-finite loss"):
+        train(tiny_cfg(tiny_job, tmp_path, max_bad_steps=2))
+
+
+def test_lr_schedules(tiny_job, tmp_path):
+    cfg = tiny_cfg(tiny_job, tmp_path, steps=100, **{"optim.warmup": 10, "optim.lr": 1.0})
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(1 / 90) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    cfg.optim.schedule, cfg.optim.min_lr_ratio = "cosine", 0.1
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(55, cfg) == pytest.approx(0.55)
+
+
+class FakeBackend:
+    def save(self, path):
+        (path / "weights").write_text("w")
+
+
+def test_checkpoints_are_atomic_and_pruned(one_process, tmp_path):
+    torch.distributed.init_process_group("gloo")
+    ckpt = Checkpointer(tmp_path, keep=2, is_main=True)
+    assert ckpt.latest() is None
+    (tmp_path / "step_00000009.tmp").mkdir()  # debris of a crash mid-save: never "latest"
+    for step in (1, 2, 3):
+        ckpt.save(step, FakeBackend(), {"step": step})
+    assert ckpt.latest() == tmp_path / "step_00000003"
+    assert sorted(p.name for p in tmp_path.glob("step_*") if not p.name.endswith(".tmp")) == ["step_00000002", "step_00000003"]
+    shutil.rmtree(tmp_path / "step_00000003")
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.latest()
+
+
+def test_config_errors(tiny_job, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['optim.lrr'\]"):
+        tiny_cfg(tiny_job, tmp_path, **{"optim.lrr": 1})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config("configs/nope.yaml")
+
+
+# ---- Slurm launchers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", ["lrc_qwen7b.sh", "lrc_llama3b.sh"])
+def test_slurm_dry_run_prints_torchrun_command(script, tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text('#!/bin/sh\nprintf "gpu-a01\\ngpu-a02\\ngpu-a03\\n"\n')
+    (fake / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu-a[01-03]",
+           "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": "8", "PYTHON": "python3"}
+    out = subprocess.run(["bash", str(REPO / "slurm" / script), "--optim.lr=2e-4"], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    recipe = "configs/" + script.replace(".sh", ".yaml")
+    assert out == ("srun --ntasks-per-node=1 --nodes=3 --kill-on-bad-exit=1 python3 -m torch.distributed.run "
+                   "--nnodes=3 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=gpu-a01:29500 --rdzv_id=42 "
+                   f"-m lrc_dist.train {recipe} --optim.lr=2e-4")
+    load_config(str(REPO / recipe))  # the recipe it launches is a valid config
+
+
+def test_slurm_scripts_are_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    scripts = sorted(str(p) for p in (REPO / "slurm").glob("*.sh"))
+    for script in scripts:
+        subprocess.run(["bash", "-n", script], check=True)
+    proc = subprocess.run([shellcheck, "-x", *scripts], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
