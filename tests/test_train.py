@@ -83,6 +83,13 @@ def test_deepspeed_zero3_curve_and_resume(reference, tiny_job, tmp_path):
     assert_same_curve(run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed"), reference[0])
 
 
+def test_deepspeed_zero2_curve(reference, tiny_job, tmp_path):
+    records = run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed",
+                  "--parallel.deepspeed_config=ds_configs/zero2.json", "--checkpoint.export_interval=3")
+    assert_same_curve(records, reference[0])
+    assert (tmp_path / "export_00000003/hf/config.json").is_file()  # periodic export
+
+
 # ---- in-process: non-finite losses, schedule, checkpoint mechanics ------------------------------
 
 
