@@ -18,21 +18,25 @@ Shards (Megatron's indexed dataset, simplified). A shard is two files sharing a 
 
 Both files are written under temporary names, fsynced and renamed (.bin before .idx), so a
 file with a final name is complete; a shard counts as finished only once its record
-NAME.json exists (see data_prep/tokenize.py for the resume protocol).
+NAME.json exists (see lrc_dist/pretokenize.py for the resume protocol).
 
 manifest.json, written last and atomically, describes the whole set:
 
     format, format_version      "lrc_dist.tokens", FORMAT_VERSION
-    tokenizer                   {name, path, sha256 (tokenizer_sha256), vocab_size, eos_token, eos_id}
+    tokenizer                   {name, path, sha256 (of tokenizer.json), vocab_size, eos_token, eos_id}
     dtype                       "uint16" | "uint32"
     num_tokens, num_docs        totals over all shards
     config                      the settings that shaped the tokens (fields, max_chars, ...)
-    shards                      in stream order: {name, source, records: [first, end), counts,
-                                num_tokens, num_docs, max_token_id, bin_bytes, bin_blake2b,
-                                bin_sample_blake2b, idx_blake2b}
-    sources                     per input file: {path, kind, records, docs, tokens, skipped,
-                                modified, error, shards}
+    shards                      in stream order: {name, source, source_bytes, records: [first,
+                                end), counts, num_tokens, num_docs, max_token_id, bin_bytes,
+                                bin_blake2b, bin_sample_blake2b, idx_blake2b}
+    sources                     per input file: {path, kind, bytes, records, docs, tokens,
+                                skipped, modified, error, shards}
     ignored_paths               files met in input directories that are not a known format
+
+A split run (Slurm array task I of N) writes the same for its files to
+manifest.split-I-of-N.json (five-digit I and N), with "split": {index, count}; merging the N
+parts gives the manifest.json of a run over all files.
 
 Checksums are blake2b-256 hex digests. The "fast" check compares the .bin size, the digest of
 SAMPLE_BLOCKS blocks spread over the .bin (first and last included) and the digest of the
@@ -69,7 +73,7 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return DTYPES[1] if vocab_size <= 1 << 16 else DTYPES[2]
 
 
-def _hasher() -> "hashlib._Hash":
+def _hasher() -> hashlib._Hash:
     return hashlib.blake2b(digest_size=32)
 
 
@@ -98,14 +102,8 @@ def sampled_digest(path: Path) -> str:
 
 
 def tokenizer_sha256(tokenizer_json: Path) -> str:
-    """sha256 of tokenizer.json in canonical form (sorted keys, no whitespace).
-
-    Canonical JSON makes the hash independent of pretty-printing, so the same tokenizer saved
-    by different tools still matches; any change to the vocabulary, merges, normalisation or
-    special tokens changes it.
-    """
-    canonical = json.dumps(json.loads(tokenizer_json.read_text(encoding="utf-8")), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """sha256 of a tokenizer.json file: the identity of the tokenizer a token set was made with."""
+    return hashlib.sha256(Path(tokenizer_json).read_bytes()).hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -141,7 +139,7 @@ class ShardInfo:
     idx_blake2b: str
 
     @classmethod
-    def from_dict(cls, entry: dict[str, Any]) -> "ShardInfo":
+    def from_dict(cls, entry: dict[str, Any]) -> ShardInfo:
         return cls(**{f.name: entry[f.name] for f in dataclasses.fields(cls)})
 
 
@@ -237,7 +235,7 @@ class Shard:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
     @classmethod
-    def open(cls, prefix: Path, expected: ShardInfo | None = None, verify: str = "fast") -> "Shard":
+    def open(cls, prefix: Path, expected: ShardInfo | None = None, verify: str = "fast") -> Shard:
         """Opens NAME.bin/.idx; with `expected`, checks them in `verify` mode ("none", "fast", "full").
 
         Raises CorruptShardError naming the file on a missing, truncated or altered shard.

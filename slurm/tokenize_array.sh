@@ -2,6 +2,7 @@
 # Tokenizes a corpus with a Slurm job array: array task I of N tokenizes split I of the input
 # files (balanced by size) into OUTPUT; a dependent job then merges the split manifests.
 #
+#   mkdir -p logs
 #   jid=$(sbatch --parsable --array=0-15 slurm/tokenize_array.sh 'data/fineweb/*.parquet' TEACHER_DIR tokens/fineweb)
 #   sbatch --dependency=afterok:"$jid" slurm/tokenize_array.sh --merge tokens/fineweb
 #

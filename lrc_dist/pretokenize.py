@@ -1,0 +1,865 @@
+"""Tokenizes a text corpus into a token set (format: lrc_dist.indexed_dataset); CLI: data_prep/tokenize.py.
+
+Per input file ("source"), in one worker process with its own tokenizer:
+
+    read records -> take the text field, or render the conversation with the chat template
+    -> cap documents longer than max_chars -> batch-encode (tokenizers, Rust threads)
+    -> append EOS -> write shards of about shard_tokens tokens (documents never straddle shards)
+
+Inputs: .jsonl/.json (JSON lines, or one JSON array), optionally .gz/.zst compressed; .txt
+(one document per file, optionally compressed); .parquet; directories saved with
+`datasets.Dataset.save_to_disk`. Plain text is encoded with special-token strings treated as
+text, so a literal "<|endoftext|>" in web text can't fake a document boundary; rendered chats
+keep their template's special tokens.
+
+Resume protocol. Source S (named by its file name and a hash of its path) writes shards
+S-00000, S-00001, ...; each covers a contiguous range of S's records and counts as finished
+once its record S-0000k.json exists (written after the .bin/.idx renames). When S is done,
+S.source.json is written. A rerun skips sources that have one and restarts an unfinished
+source right after its last finished shard, which rebuilds exactly the shards an
+uninterrupted run would have written. A file whose size changed since is tokenized again
+from its start. The manifest is written last, atomically.
+
+Each input file yields its own shards, all of shard_tokens but its last: a corpus of many
+small files gives many small shards (each memory-mapped at training time), so concatenate
+tiny files first.
+
+Splits (Slurm arrays): `num_splits`/`split_index` partition the sorted source list by size;
+each split writes manifest.split-I-of-N.json, and `merge_splits` combines them into
+manifest.json. Shard order in the manifest is by source path, so the token stream is the
+same whatever the number of splits or workers.
+
+Bad input is counted per source, never dropped silently: records skipped as bad_json,
+bad_utf8, missing_field, bad_conversation or empty; documents split or truncated at
+max_chars; and files that could not be read (an error fails the run unless allow_errors).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import glob
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import queue
+import re
+from pathlib import Path
+from typing import Any, BinaryIO
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import tokenizers
+import zstandard
+from jinja2 import TemplateError
+from tqdm import tqdm
+
+from lrc_dist.indexed_dataset import (
+    FORMAT_VERSION,
+    ShardWriter,
+    dtype_for_vocab,
+    tokenizer_sha256,
+    write_json_atomic,
+)
+
+SKIP_REASONS = ("bad_json", "bad_utf8", "missing_field", "bad_conversation", "empty")
+MODIFICATIONS = ("split", "truncated")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".zst", ".zstd")
+# A batch is encoded in one `encode_batch` call: large enough to keep the Rust threads busy,
+# bounded in characters so a run of huge documents can't exhaust memory.
+BATCH_RECORDS = 1024
+BATCH_CHARS = 16 << 20
+# Reading errors that make a file "unreadable" (reported), as opposed to bugs or a full disk.
+READ_ERRORS = (OSError, EOFError, ValueError, zstandard.ZstdError)
+
+
+class TokenizeError(RuntimeError):
+    """The run finished but its output must not be used as is (unreadable files, no documents)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """A record that yields no document, and why (one of SKIP_REASONS)."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One input: a file, or a directory written by `datasets.Dataset.save_to_disk`."""
+
+    path: str
+    kind: str  # "json" | "text" | "parquet" | "arrow"
+    size: int
+
+    @property
+    def key(self) -> str:
+        """Shard name prefix: readable file name plus a hash of the full path (unique)."""
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.path).name)[:60]
+        return f"{name}-{hashlib.sha1(self.path.encode()).hexdigest()[:8]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+    """Everything that determines the tokens; a rerun into the same output must match it."""
+
+    tokenizer_sha256: str
+    vocab_size: int
+    eos_token: str
+    eos_id: int
+    text_field: str
+    chat_field: str | None
+    max_chars: int
+    long_docs: str
+    shard_tokens: int
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def dtype(self) -> np.dtype:
+        return dtype_for_vocab(self.vocab_size)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(tokenizer_dir: str | Path) -> tokenizers.Tokenizer:
+    """Loads DIR/tokenizer.json, with errors that name the path and the fix."""
+    path = Path(tokenizer_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer directory {path} does not exist: pass --tokenizer DIR, a directory with "
+            "the teacher's tokenizer files (tokenizer.json, tokenizer_config.json)"
+        )
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{path} has no tokenizer.json (a fast tokenizer). If it holds a slow tokenizer, convert it once: python "
+            f"-c \"from transformers import AutoTokenizer as T; T.from_pretrained('{path}').save_pretrained('{path}')\""
+        )
+    try:
+        return tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise ValueError(f"{file} is not a readable tokenizers file ({e}); re-save it with transformers") from e
+
+
+def make_config(
+    tokenizer_dir: str | Path,
+    text_field: str = "text",
+    chat_field: str | None = None,
+    max_chars: int = 1_000_000,
+    long_docs: str = "split",
+    shard_tokens: int = 100_000_000,
+    eos_token: str | None = None,
+) -> TokenizeConfig:
+    """Validates the settings and resolves the tokenizer's vocabulary size and EOS id."""
+    if long_docs not in ("split", "truncate"):
+        raise ValueError(f"long_docs must be 'split' or 'truncate', got {long_docs!r}")
+    if max_chars < 1 or shard_tokens < 1:
+        raise ValueError(f"max_chars and shard_tokens must be positive, got {max_chars} and {shard_tokens}")
+    path = Path(tokenizer_dir).resolve()
+    tokenizer = _process_tokenizer(str(path))
+    config_file = path / "tokenizer_config.json"
+    if eos_token is None:
+        eos = json.loads(config_file.read_text()).get("eos_token") if config_file.is_file() else None
+        eos_token = eos["content"] if isinstance(eos, dict) else eos
+        if not eos_token:
+            raise ValueError(f"{config_file} names no eos_token: pass --eos_token (e.g. '<|endoftext|>')")
+    eos_id = tokenizer.token_to_id(eos_token)
+    if eos_id is None:
+        raise ValueError(f"EOS token {eos_token!r} is not in {path / 'tokenizer.json'}: pass a valid --eos_token")
+    if chat_field is not None:
+        _chat_tokenizer(str(path))  # fails early, in the main process, when there is no template
+    return TokenizeConfig(
+        tokenizer_sha256=tokenizer_sha256(path / "tokenizer.json"),
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        eos_token=eos_token,
+        eos_id=eos_id,
+        text_field=text_field,
+        chat_field=chat_field,
+        max_chars=max_chars,
+        long_docs=long_docs,
+        shard_tokens=shard_tokens,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _process_tokenizer(tokenizer_dir: str) -> tokenizers.Tokenizer:
+    """The process's tokenizer, loaded once (each worker process has its own)."""
+    return load_tokenizer(tokenizer_dir)
+
+
+@functools.lru_cache(maxsize=1)
+def _chat_tokenizer(tokenizer_dir: str) -> Any:
+    from transformers import AutoTokenizer  # only chat rendering needs transformers
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"{tokenizer_dir} has no chat template (chat_template.jinja or 'chat_template' in "
+            "tokenizer_config.json): use the teacher's tokenizer directory, or drop --chat_field"
+        )
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name
+    compressed = name.endswith(COMPRESSIONS)
+    if compressed:
+        name = name[: name.rfind(".")]
+    kind = FORMATS.get(Path(name).suffix)
+    return None if kind == "parquet" and compressed else kind
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+def find_sources(
+    inputs: str | Path | Sequence[str | Path], exclude: Path | None = None
+) -> tuple[list[Source], list[str]]:
+    """Resolves files, directories (walked recursively) and globs into sorted sources.
+
+    Returns (sources, ignored): files met while walking directories that have no known format
+    are returned as `ignored` (reported, not read); an explicitly named one is an error.
+    """
+    specs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    found: dict[str, Source] = {}
+    ignored: list[str] = []
+
+    def add(path: Path, kind: str) -> None:
+        files = path.rglob("*") if kind == "arrow" else [path]
+        found[str(path)] = Source(str(path), kind, sum(f.stat().st_size for f in files if f.is_file()))
+
+    for spec in map(str, specs):
+        matches = sorted(glob.glob(spec, recursive=True)) if any(c in spec for c in "*?[") else [spec]
+        if not matches:
+            raise FileNotFoundError(f"--input {spec!r} matches no file")
+        for match in matches:
+            path = Path(match).resolve()
+            if not path.exists():
+                raise FileNotFoundError(f"--input {path}: no such file or directory")
+            if path.is_file():
+                if (kind := _kind(path)) is None:
+                    raise ValueError(
+                        f"--input {path}: unknown format (expected .jsonl/.json/.txt, optionally .gz/.zst, "
+                        ".parquet, or a datasets save_to_disk directory)"
+                    )
+                add(path, kind)
+                continue
+            for root, dirs, files in os.walk(path):
+                root_path = Path(root)
+                if _is_saved_dataset(root_path):
+                    add(root_path, "arrow")
+                    dirs.clear()
+                    continue
+                dirs[:] = sorted(d for d in dirs if exclude is None or root_path / d != exclude)
+                for file in sorted(files):
+                    if (kind := _kind(root_path / file)) is None:
+                        ignored.append(str(root_path / file))
+                    else:
+                        add(root_path / file, kind)
+    if not found:
+        raise ValueError(f"--input {specs} holds no input files of a known format (ignored: {ignored[:5]})")
+    return sorted(found.values(), key=lambda s: s.path), ignored
+
+
+def split_sources(sources: list[Source], num_splits: int, split_index: int) -> list[Source]:
+    """The sources of split `split_index`: greedy by size (largest first), so splits balance."""
+    if not 0 <= split_index < num_splits:
+        raise ValueError(f"split_index must be in [0, num_splits={num_splits}), got {split_index}")
+    loads = [0] * num_splits
+    mine = set()
+    for source in sorted(sources, key=lambda s: (-s.size, s.path)):
+        split = min(range(num_splits), key=lambda i: (loads[i], i))
+        loads[split] += source.size
+        if split == split_index:
+            mine.add(source.path)
+    return [s for s in sources if s.path in mine]
+
+
+# ----------------------------------------------------------------------------- readers
+# A reader yields one value per record, from record `start` on: the field's value (None when
+# absent) or a Skip. Record numbers must be stable across runs: they are the resume points.
+
+
+class _ZstdFile(io.RawIOBase):
+    """A (multi-frame) zstd file as a byte stream. zstandard's stream_reader ends quietly in
+    a cut-off frame; a truncated download must be an error, so frames are tracked here."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "rb")
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._in_frame = False  # data of the current frame was fed and its end not yet seen
+        self._out = memoryview(b"")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._pos == len(self._out):
+            data = self._file.read(1 << 20)
+            if not data:
+                if self._in_frame:
+                    raise EOFError(f"{self._file.name}: zstd stream is truncated (its last frame is cut off)")
+                return 0
+            out = []
+            while data:
+                if self._frame.eof:  # the previous frame ended: the rest starts a new one
+                    self._frame = zstandard.ZstdDecompressor().decompressobj()
+                out.append(self._frame.decompress(data))
+                data = self._frame.unused_data if self._frame.eof else b""
+            self._in_frame = not self._frame.eof
+            self._out, self._pos = memoryview(b"".join(out)), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _open_binary(path: str) -> BinaryIO:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith((".zst", ".zstd")):
+        return io.BufferedReader(_ZstdFile(path), buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+def _field(record: Any, field: str) -> Any:
+    return record.get(field) if isinstance(record, dict) else None
+
+
+def _read_json(path: str, field: str, start: int) -> Iterator[Any]:
+    with _open_binary(path) as f:
+        if f.peek(1 << 16).lstrip()[:1] == b"[":  # one JSON array (e.g. OpenHermes-2.5's file)
+            yield from (_field(r, field) for r in json.load(f)[start:])
+            return
+        for line in itertools.islice((line for line in f if not line.isspace()), start, None):
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield Skip("bad_utf8")
+                continue
+            except ValueError:
+                yield Skip("bad_json")
+                continue
+            yield _field(record, field)
+
+
+def _read_text(path: str, field: str, start: int) -> Iterator[Any]:
+    if start == 0:
+        with _open_binary(path) as f:
+            data = f.read()
+        try:
+            yield data.decode("utf-8")
+        except UnicodeDecodeError:
+            yield Skip("bad_utf8")
+
+
+def _require_column(path: str, columns: list[str], field: str) -> None:
+    if field not in columns:
+        raise ValueError(f"{path} has no column {field!r} (columns: {columns}): pass --text_field or --chat_field")
+
+
+def _read_parquet(path: str, field: str, start: int) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    _require_column(path, parquet.schema_arrow.names, field)
+    first_group = 0  # skip whole row groups from the metadata, without reading them
+    while first_group < parquet.num_row_groups and start >= (rows := parquet.metadata.row_group(first_group).num_rows):
+        start -= rows
+        first_group += 1
+    batches = parquet.iter_batches(
+        batch_size=BATCH_RECORDS, row_groups=range(first_group, parquet.num_row_groups), columns=[field]
+    )
+    yield from itertools.islice(itertools.chain.from_iterable(b.column(0).to_pylist() for b in batches), start, None)
+
+
+def _read_saved_dataset(path: str, field: str, start: int) -> Iterator[Any]:
+    import datasets
+
+    dataset = datasets.load_from_disk(path)
+    _require_column(path, dataset.column_names, field)
+    dataset = dataset.select_columns([field]).select(range(start, len(dataset)))  # contiguous: no copy
+    for batch in dataset.iter(batch_size=BATCH_RECORDS):
+        yield from batch[field]
+
+
+READERS: dict[str, Callable[[str, str, int], Iterator[Any]]] = {
+    "json": _read_json,
+    "text": _read_text,
+    "parquet": _read_parquet,
+    "arrow": _read_saved_dataset,
+}
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def _conversation(value: Any) -> list[dict[str, str]] | None:
+    """OpenHermes-style [{"from": "human", "value": ...}] (or role/content) -> chat messages."""
+    if not isinstance(value, list) or not value:
+        return None
+    messages = []
+    for turn in value:
+        if not isinstance(turn, dict):
+            return None
+        role = ROLES.get(turn.get("from", turn.get("role")))
+        content = turn.get("value", turn.get("content"))
+        if role is None or not isinstance(content, str):
+            return None
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _document(value: Any, config: TokenizeConfig, tokenizer_dir: str) -> str | Skip:
+    """A record's document text, or why there is none."""
+    if isinstance(value, Skip):
+        return value
+    if value is None:
+        return Skip("missing_field")
+    if config.chat_field is not None:
+        messages = _conversation(value)
+        if messages is None:
+            return Skip("bad_conversation")
+        try:
+            value = _chat_tokenizer(tokenizer_dir).apply_chat_template(messages, tokenize=False)
+        except TemplateError:  # the template refuses it, e.g. roles that do not alternate
+            return Skip("bad_conversation")
+    if not isinstance(value, str):
+        return Skip("missing_field")
+    if not value or value.isspace():
+        return Skip("empty")
+    try:
+        value.encode("utf-8")  # JSON escapes can smuggle in lone surrogates the tokenizer rejects
+    except UnicodeEncodeError:
+        return Skip("bad_utf8")
+    return value
+
+
+def _pieces(text: str, max_chars: int) -> list[str]:
+    """Cuts a long document into pieces of at most max_chars, preferably before a space (GPT-2
+    style pre-tokenizers attach a leading space to the next word, so such cuts keep tokens
+    natural). The pieces' tokens are concatenated back into one document."""
+    pieces = []
+    start = 0
+    while len(text) - start > max_chars:
+        cut = text.rfind(" ", start + max_chars // 2, start + max_chars)
+        cut = cut if cut > start else start + max_chars
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+@dataclasses.dataclass
+class _Batch:
+    """Documents of consecutive records, as pieces ready for one encode_batch call."""
+
+    texts: list[str] = dataclasses.field(default_factory=list)
+    piece_doc: list[int] = dataclasses.field(default_factory=list)  # document index of each piece
+    doc_records: list[int] = dataclasses.field(default_factory=list)  # record number of each document
+    events: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (record, skip/modification)
+    chars: int = 0
+    end: int = 0  # number of the record after the batch's last one
+
+
+def _batches(values: Iterable[Any], start: int, config: TokenizeConfig, tokenizer_dir: str) -> Iterator[_Batch]:
+    batch = _Batch(end=start)
+    for record, value in enumerate(values, start):
+        batch.end = record + 1
+        text = _document(value, config, tokenizer_dir)
+        if isinstance(text, Skip):
+            batch.events.append((record, text.reason))
+            continue
+        if len(text) > config.max_chars:
+            if config.long_docs == "split":
+                pieces = _pieces(text, config.max_chars)
+                batch.events.append((record, "split"))
+            else:
+                pieces = [text[: config.max_chars]]
+                batch.events.append((record, "truncated"))
+        else:
+            pieces = [text]
+        batch.texts += pieces
+        batch.piece_doc += [len(batch.doc_records)] * len(pieces)
+        batch.doc_records.append(record)
+        batch.chars += len(text)
+        if len(batch.doc_records) >= BATCH_RECORDS or batch.chars >= BATCH_CHARS:
+            yield batch
+            batch = _Batch(end=record + 1)
+    if batch.doc_records or batch.events:
+        yield batch
+
+
+def encode(
+    tokenizer: tokenizers.Tokenizer, texts: list[str], piece_doc: Sequence[int], eos_id: int, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encodes pieces in one batch; returns (tokens of each document + EOS, concatenated, as
+    uint32) and the documents' lengths. Raises if a token id is outside the vocabulary."""
+    ids = [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    piece_lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    doc_lengths = np.bincount(piece_doc, weights=piece_lengths).astype(np.int64) + 1
+    tokens = np.empty(int(doc_lengths.sum()), dtype=np.uint32)
+    is_eos = np.zeros(tokens.size, dtype=bool)
+    is_eos[np.cumsum(doc_lengths) - 1] = True
+    tokens[is_eos] = eos_id
+    tokens[~is_eos] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(piece_lengths.sum()))
+    if tokens.size and tokens.max() >= vocab_size:
+        raise RuntimeError(
+            f"tokenizer produced id {tokens.max()} >= its vocabulary size {vocab_size}: broken tokenizer.json"
+        )
+    return tokens, doc_lengths
+
+
+# ----------------------------------------------------------------------------- one source
+
+
+class _SourceShards:
+    """Cuts one source's documents into shards and writes each shard's record on completion."""
+
+    def __init__(self, source: Source, config: TokenizeConfig, output: Path):
+        self.source, self.config, self.output = source, config, output
+        self.shards = self._finished()
+        self.first_record = self.shards[-1]["records"][1] if self.shards else 0
+        self.pending: list[tuple[int, str]] = []  # events not yet attributed to a shard
+        self.writer: ShardWriter | None = None
+
+    def _name(self, k: int) -> str:
+        return f"{self.source.key}-{k:05d}"
+
+    def _finished(self) -> list[dict[str, Any]]:
+        """The shards a previous run finished, consecutive from the first, if made from this
+        version of the file (a changed size means the records moved: start over)."""
+        shards = []
+        while (record := self.output / f"{self._name(len(shards))}.json").is_file():
+            shards.append(json.loads(record.read_text()))
+            if shards[-1]["source_bytes"] != self.source.size:
+                return []
+        return shards
+
+    def add(self, tokens: np.ndarray, doc_lengths: np.ndarray, doc_records: list[int]) -> None:
+        """Appends documents, closing a shard as soon as it reaches shard_tokens."""
+        target = self.config.shard_tokens
+        doc = token = 0
+        while doc < doc_lengths.size:
+            if self.writer is None:
+                self.writer = ShardWriter(self.output / self._name(len(self.shards)), self.config.dtype)
+            cumulative = np.cumsum(doc_lengths[doc:])
+            take = min(int(np.searchsorted(cumulative, target - self.writer.num_tokens)) + 1, cumulative.size)
+            count = int(cumulative[take - 1])
+            self.writer.add(tokens[token : token + count], doc_lengths[doc : doc + take])
+            doc, token = doc + take, token + count
+            if self.writer.num_tokens >= target:
+                self.close(doc_records[doc - 1] + 1)
+
+    def close(self, record_end: int) -> None:
+        """Finishes the open shard, which covers records [first_record, record_end)."""
+        info = self.writer.finish()
+        counts = collections.Counter(event for record, event in self.pending if record < record_end)
+        self.pending = [(record, event) for record, event in self.pending if record >= record_end]
+        entry = {
+            "name": self._name(len(self.shards)),
+            "source": self.source.path,
+            "source_bytes": self.source.size,
+            "records": [self.first_record, record_end],
+            "counts": dict(counts),
+            **dataclasses.asdict(info),
+        }
+        write_json_atomic(self.output / f"{entry['name']}.json", entry)
+        self.shards.append(entry)
+        self.first_record, self.writer = record_end, None
+
+    def report(self, records: int, error: str | None) -> dict[str, Any]:
+        counts = collections.Counter(event for _, event in self.pending)
+        for shard in self.shards:
+            counts.update(shard["counts"])
+        return {
+            "path": self.source.path,
+            "kind": self.source.kind,
+            "bytes": self.source.size,
+            "records": records,
+            "docs": sum(s["num_docs"] for s in self.shards),
+            "tokens": sum(s["num_tokens"] for s in self.shards),
+            "skipped": {r: counts[r] for r in SKIP_REASONS if counts[r]},
+            "modified": {m: counts[m] for m in MODIFICATIONS if counts[m]},
+            "error": error,
+            "shards": self.shards,
+        }
+
+
+def tokenize_source(
+    source: Source, config: TokenizeConfig, tokenizer_dir: str, output: Path, progress: Callable[[int], Any]
+) -> dict[str, Any]:
+    """Tokenizes one source into shards (resuming a previous run); returns its report.
+
+    The report has the source's counts, its read error if any (the file could not be read to
+    the end: the shards finished before it are kept, and a rerun retries from there), and its
+    shard records. A source read to the end is marked done by its `_done_file`.
+    """
+    shards = _SourceShards(source, config, output)
+    tokenizer = _process_tokenizer(tokenizer_dir)
+    tokenizer.encode_special_tokens = config.chat_field is None
+    field = config.chat_field or config.text_field
+    error: list[str] = []
+
+    def values() -> Iterator[Any]:  # read errors end the source; errors elsewhere propagate
+        try:
+            yield from READERS[source.kind](source.path, field, shards.first_record)
+        except READ_ERRORS as e:
+            error.append(f"{type(e).__name__}: {e}")
+
+    records = shards.first_record
+    try:
+        for batch in _batches(values(), shards.first_record, config, tokenizer_dir):
+            shards.pending += batch.events
+            records = batch.end
+            if batch.texts:
+                tokens, lengths = encode(tokenizer, batch.texts, batch.piece_doc, config.eos_id, config.vocab_size)
+                shards.add(tokens, lengths, batch.doc_records)
+                progress(tokens.size)
+        if not error and shards.writer is not None:
+            shards.close(records)
+    finally:
+        if shards.writer is not None:
+            shards.writer.abort()  # a failed or interrupted source leaves no shard that looks complete
+    report = shards.report(records, error[0] if error else None)
+    if not error:
+        write_json_atomic(_done_file(output, source), report)
+    return report
+
+
+def _done_file(output: Path, source: Source) -> Path:
+    return output / f"{source.key}.source.json"
+
+
+def _finished_report(output: Path, source: Source) -> dict[str, Any] | None:
+    """The report of an earlier run that read this version of the file to its end, if any."""
+    file = _done_file(output, source)
+    report = json.loads(file.read_text()) if file.is_file() else None
+    return report if report is not None and report["bytes"] == source.size else None
+
+
+# ----------------------------------------------------------------------------- the run
+
+_progress_queue: Any = None
+
+
+def _init_worker(threads: int, progress_queue: Any) -> None:
+    # Runs before the worker's first encode, so the Rust thread pool sizes itself from it.
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    if threads == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    global _progress_queue
+    _progress_queue = progress_queue
+
+
+def _report_progress(tokens: int) -> None:
+    _progress_queue.put(tokens)
+
+
+def _run(
+    sources: list[Source], config: TokenizeConfig, tokenizer_dir: str, output: Path, workers: int | None, progress: bool
+) -> list[dict[str, Any]]:
+    """Tokenizes the sources not done yet, in `workers` processes; returns all reports."""
+    earlier = {s.path: _finished_report(output, s) for s in sources}
+    reports = [r for r in earlier.values() if r is not None]
+    todo = [s for s in sources if earlier[s.path] is None]
+    cpus = len(os.sched_getaffinity(0))
+    workers = max(1, min(workers or cpus, len(todo)))
+    bar = tqdm(
+        desc=f"tokenizing {len(todo)} files ({len(reports)} done before)",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress or not todo,
+        mininterval=1 if os.isatty(2) else 60,  # keep batch logs short
+    )
+    with bar:
+        if workers == 1:  # in-process: tokenizers' own threads use every core
+            return reports + [tokenize_source(s, config, tokenizer_dir, output, bar.update) for s in todo]
+        context = multiprocessing.get_context("spawn")  # fork would copy the parent's tokenizer threads
+        progress_queue = context.Queue()
+        initargs = (max(1, cpus // workers), progress_queue)
+        with context.Pool(workers, _init_worker, initargs) as pool:  # leaving it terminates the workers
+            args = [(s, config, tokenizer_dir, output, _report_progress) for s in todo]
+            results = [pool.apply_async(tokenize_source, a) for a in args]
+            while not all(r.ready() for r in results):
+                try:
+                    bar.update(progress_queue.get(timeout=0.5))
+                    while True:
+                        bar.update(progress_queue.get_nowait())
+                except queue.Empty:
+                    pass
+                for result in results:
+                    if result.ready() and not result.successful():
+                        result.get()  # re-raise a worker's failure now, not after every other file
+                bar.set_postfix(files=f"{sum(r.ready() for r in results)}/{len(results)}")
+            return reports + [r.get() for r in results]
+
+
+def _manifest(base: dict[str, Any], reports: list[dict[str, Any]], ignored: list[str]) -> dict[str, Any]:
+    """A manifest (or split part) from per-source reports; shards in source-path order."""
+    reports = sorted(reports, key=lambda r: r["path"])
+    shards = [shard for r in reports for shard in r["shards"]]
+    return {
+        **base,
+        "num_tokens": sum(s["num_tokens"] for s in shards),
+        "num_docs": sum(s["num_docs"] for s in shards),
+        "shards": shards,
+        "sources": [{**r, "shards": [s["name"] for s in r["shards"]]} for r in reports],
+        "ignored_paths": sorted(set(ignored)),
+    }
+
+
+def _summary(manifest: dict[str, Any]) -> str:
+    lines = [
+        f"{manifest['num_tokens']:,} tokens in {manifest['num_docs']:,} documents, {len(manifest['shards'])} shards, "
+        f"from {len(manifest['sources'])} files"
+    ]
+    for source in manifest["sources"]:
+        issues = [f"{k} {v}" for k, v in {**source["skipped"], **source["modified"]}.items()]
+        if source["error"]:
+            issues.append(f"UNREADABLE after {source['records']} records: {source['error']}")
+        if issues:
+            lines.append(f"  {source['path']}: {', '.join(issues)}")
+    lines += [f"  ignored (unknown format): {path}" for path in manifest["ignored_paths"]]
+    return "\n".join(lines)
+
+
+def _check_output(output: Path, config: TokenizeConfig) -> None:
+    """Refuses to mix shards made with other settings into an existing output directory."""
+    file = output / "config.json"
+    current = dataclasses.asdict(config)
+    if file.is_file():
+        previous = json.loads(file.read_text())
+        changed = sorted(k for k in current.keys() | previous.keys() if current.get(k) != previous.get(k))
+        if changed:
+            raise ValueError(
+                f"{output} holds shards made with other settings ({', '.join(changed)} differ, see {file}): "
+                "use a new --output, or delete it to start over"
+            )
+    else:
+        write_json_atomic(file, current)
+
+
+def tokenize_corpus(
+    input: str | Sequence[str],
+    tokenizer: str,
+    output: str,
+    text_field: str = "text",
+    chat_field: str | None = None,
+    workers: int | None = None,
+    shard_tokens: int = 100_000_000,
+    max_chars: int = 1_000_000,
+    long_docs: str = "split",
+    eos_token: str | None = None,
+    num_splits: int = 1,
+    split_index: int = 0,
+    allow_errors: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenizes `input` into the token set directory `output`; returns the manifest written.
+
+    input: a file, a directory (walked recursively), a glob, or a list of them.
+    tokenizer: a directory with tokenizer.json (and tokenizer_config.json for the EOS token and
+        the chat template). text_field / chat_field: the record field holding the document, or
+        the OpenHermes-style conversation to render with the chat template.
+    workers: processes (default: the CPUs this process may use); each handles whole files.
+    shard_tokens: target shard size. max_chars, long_docs: documents longer than max_chars are
+        cut into pieces tokenized one after another ("split") or cut off ("truncate").
+    eos_token: the token appended to every document (default: tokenizer_config.json's eos_token).
+    num_splits, split_index: process one part of the inputs (Slurm arrays); the part writes
+        manifest.split-I-of-N.json, and `merge_splits` writes manifest.json.
+    allow_errors: write the manifest even if some files could not be read to the end.
+    progress: show a progress bar with tokens/s (on stderr).
+
+    Raises TokenizeError (after printing the per-file report) when files could not be read
+    or no document came out; ValueError / FileNotFoundError for bad settings or inputs.
+    """
+    out = Path(output).resolve()
+    config = make_config(tokenizer, text_field, chat_field, max_chars, long_docs, shard_tokens, eos_token)
+    sources, ignored = find_sources(input, exclude=out)
+    mine = split_sources(sources, num_splits, split_index)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_output(out, config)
+    tokenizer_dir = str(Path(tokenizer).resolve())
+    reports = _run(mine, config, tokenizer_dir, out, workers, progress)
+    base = {
+        "format": "lrc_dist.tokens",
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {
+            "name": Path(tokenizer_dir).name,
+            "path": tokenizer_dir,
+            "sha256": config.tokenizer_sha256,
+            "vocab_size": config.vocab_size,
+            "eos_token": config.eos_token,
+            "eos_id": config.eos_id,
+        },
+        "dtype": config.dtype.name,
+        "config": dataclasses.asdict(config),
+    }
+    if num_splits > 1:
+        base["split"] = {"index": split_index, "count": num_splits}
+    manifest = _manifest(base, reports, ignored)
+    print(_summary(manifest))
+    failed = [s["path"] for s in manifest["sources"] if s["error"]]
+    if failed and not allow_errors:
+        raise TokenizeError(
+            f"{len(failed)} input files could not be read to the end (listed above, first: {failed[0]}): fix or "
+            "remove them and rerun (finished files are skipped), or pass --allow_errors to keep what was read"
+        )
+    if mine and manifest["num_docs"] == 0:
+        raise TokenizeError(
+            f"no documents were tokenized from {len(mine)} files (counts above): check --text_field/--chat_field"
+        )
+    name = f"manifest.split-{split_index:05d}-of-{num_splits:05d}.json" if num_splits > 1 else "manifest.json"
+    write_json_atomic(out / name, manifest)
+    print(f"wrote {out / name}")
+    return manifest
+
+
+def merge_splits(output: str) -> dict[str, Any]:
+    """Combines the split manifests of a token set directory into its manifest.json."""
+    out = Path(output)
+    parts = [json.loads(p.read_text()) for p in sorted(out.glob("manifest.split-*-of-*.json"))]
+    if not parts:
+        raise FileNotFoundError(
+            f"{out} has no manifest.split-*-of-*.json: run the splits (slurm/tokenize_array.sh) first"
+        )
+    count = parts[0]["split"]["count"]
+    missing = sorted(set(range(count)) - {p["split"]["index"] for p in parts if p["split"]["count"] == count})
+    if missing or any(p["split"]["count"] != count for p in parts):
+        raise ValueError(
+            f"{out}: splits {missing} of {count} are missing (or counts differ): rerun those split indices"
+        )
+    if any(p["config"] != parts[0]["config"] for p in parts):
+        raise ValueError(
+            f"{out}: the split manifests were made with different settings: retokenize into a new --output"
+        )
+    shards = {s["name"]: s for p in parts for s in p["shards"]}
+    reports = [{**source, "shards": [shards[n] for n in source["shards"]]} for p in parts for source in p["sources"]]
+    base = {
+        k: v
+        for k, v in parts[0].items()
+        if k not in ("split", "num_tokens", "num_docs", "shards", "sources", "ignored_paths")
+    }
+    manifest = _manifest(base, reports, [path for p in parts for path in p["ignored_paths"]])
+    write_json_atomic(out / "manifest.json", manifest)
+    print(_summary(manifest))
+    print(f"wrote {out / 'manifest.json'}")
+    return manifest
