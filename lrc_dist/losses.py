@@ -1,14 +1,19 @@
-"""LRC training loss: L = w_lm * LM + w_kl * KL(teacher || student) + alpha * sum_terms w_t * clone_t.
+"""LRC training loss: L = w_lm * LM + w_kl * D(teacher || student) + alpha * sum_terms w_t * clone_t.
+
+D is forward KL in the LRC paper; any divergence of `DIVERGENCES` can replace it
+(`loss.divergence`); its value is logged as "kl" whichever it is.
 
 The LM and KL terms need the logits of both models, [tokens x vocab] each: 2 x 16k x 152k fp32 is
 20 GB for one Qwen micro-batch. `head_losses` never holds them: it walks the tokens in chunks,
-computes both losses in fp32 and, in the same pass, the gradient with respect to the student's
+computes both terms in fp32 and, in the same pass, the gradient with respect to the student's
 hidden states and head weight (the fused linear-cross-entropy approach of Liger-Kernel). Backward
 then only scales the stored gradients.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +33,8 @@ class LossConfig:
     kl_weight: float = 1.0
     clone_weight: float = 0.5  # alpha; the paper uses 0.2 (1.5B) or 0.5 (1.7B, 4B)
     temperature: float = 40.0  # softmax temperature of the KL term (paper: 40)
+    divergence: str = "forward_kl"  # the logit term D(teacher || student): see DIVERGENCES
+    skew: float = 0.1  # lambda of the skewed KL divergences
     chunk_tokens: int | None = None  # tokens per chunk of the head losses; None: ~CHUNK_ELEMENTS logits
 
 
@@ -38,52 +45,129 @@ class LRCOutput:
     clone: dict[str, Tensor]  # per clone term, the MSE summed over layers
 
 
+# ---- logit divergences D(teacher p || student q), per token, from temperature-scaled log-probs ----
+
+
+def forward_kl(logq: Tensor, logp: Tensor) -> Tensor:
+    """KL(p || q) = sum p (log p - log q): mass-covering; the KL of the LRC paper."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def reverse_kl(logq: Tensor, logp: Tensor) -> Tensor:
+    """KL(q || p): mode-seeking."""
+    return forward_kl(logp, logq)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(weight_a * a + (1 - weight_a) * b), stably."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def js_divergence(logq: Tensor, logp: Tensor) -> Tensor:
+    """(KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2."""
+    logm = _log_mix(logp, logq, 0.5)
+    return 0.5 * (forward_kl(logm, logp) + forward_kl(logm, logq))
+
+
+def skewed_forward_kl(logq: Tensor, logp: Tensor, skew: float = 0.1) -> Tensor:
+    """KL(p || skew p + (1 - skew) q) (DistiLLM)."""
+    return forward_kl(_log_mix(logp, logq, skew), logp)
+
+
+def skewed_reverse_kl(logq: Tensor, logp: Tensor, skew: float = 0.1) -> Tensor:
+    """KL(q || (1 - skew) p + skew q) (DistiLLM)."""
+    return forward_kl(_log_mix(logq, logp, skew), logq)
+
+
+def adaptive_kl(logq: Tensor, logp: Tensor, head_mass: float = 0.5) -> Tensor:
+    """AKL: forward and reverse KL weighted by the student's gap on the teacher's head and tail.
+
+    Sorting p ascending, the tail is the tokens whose cumulative teacher mass is <= head_mass;
+    g = sum |p - q| over each part (no gradient); AKL = (g_head FKL + g_tail RKL) / (g_head + g_tail).
+    """
+    with torch.no_grad():
+        p, q = logp.exp(), logq.exp()
+        sorted_p, order = p.sort(dim=-1)
+        tail = (sorted_p.cumsum(-1) <= head_mass).float()
+        gap = (p - q).abs().gather(-1, order)
+        g_tail = (gap * tail).sum(-1)
+        g_head = (gap * (1.0 - tail)).sum(-1)
+        w_head = g_head / (g_head + g_tail).clamp_min(1e-12)
+    return w_head * forward_kl(logq, logp) + (1.0 - w_head) * reverse_kl(logq, logp)
+
+
+def total_variation(logq: Tensor, logp: Tensor) -> Tensor:
+    """TVD = sum |p - q| / 2."""
+    return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+
+
+DIVERGENCES = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "js": js_divergence,
+    "skewed_forward_kl": skewed_forward_kl,
+    "skewed_reverse_kl": skewed_reverse_kl,
+    "adaptive_kl": adaptive_kl,
+    "tvd": total_variation,
+}
+
+
+def divergence_fn(cfg: LossConfig):
+    if cfg.divergence not in DIVERGENCES:
+        raise ValueError(f"loss.divergence={cfg.divergence!r}; choose from {', '.join(DIVERGENCES)}.")
+    fn = DIVERGENCES[cfg.divergence]
+    return functools.partial(fn, skew=cfg.skew) if cfg.divergence.startswith("skewed") else fn
+
+
 class _HeadLosses(torch.autograd.Function):
-    """(weighted LM + KL, LM, KL) from hidden states and head weights, chunked over tokens."""
+    """(lm_weight * LM + kd_weight * D, LM, D) from hidden states and head weights, chunked over tokens.
+
+    Each chunk's fp32 logits get a small autograd pass of their own: it yields d(loss)/d(logits),
+    turned at once into the gradients of h_s and w_s, so that only one chunk of logits (and its
+    softmax intermediates) is alive at a time, in forward and backward alike.
+    """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, labels, temperature, lm_weight, kl_weight, normalizer, chunk):
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, divergence, temperature, lm_weight, kd_weight, normalizer, chunk):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(h_s) if need_h else None
         grad_w = torch.zeros_like(w_s, dtype=torch.float32) if need_w else None
         lm_sum = h_s.new_zeros((), dtype=torch.float32)
-        kl_sum = lm_sum.clone()
-        use_kl = kl_weight != 0.0 and h_t is not None
+        kd_sum = lm_sum.clone()
+        use_kd = kd_weight != 0.0 and h_t is not None
         for start in range(0, h_s.shape[0], chunk):
             hs = h_s[start : start + chunk]
             y = labels[start : start + chunk]
-            valid = (y != IGNORE_INDEX).unsqueeze(1).float()
-            z = (hs @ w_s.T).float()
-            logp = torch.log_softmax(z, dim=-1)
-            lm_sum += -(logp.gather(1, y.clamp(min=0).unsqueeze(1)) * valid).sum()
-            # d(CE)/dz = softmax(z) - onehot(y)
-            dz = logp.exp_().mul_(lm_weight)
-            dz.scatter_add_(1, y.clamp(min=0).unsqueeze(1), torch.full_like(valid, -lm_weight))
-            if use_kl:
-                logq_s = torch.log_softmax(z.div_(temperature), dim=-1)
-                logq_t = torch.log_softmax((h_t[start : start + chunk] @ w_t.T).float().div_(temperature), dim=-1)
-                q_t = logq_t.exp()
-                kl_sum += ((q_t * (logq_t - logq_s)).sum(1, keepdim=True) * valid).sum()
-                # d KL(q_t || softmax(z / T)) / dz = (softmax(z / T) - q_t) / T
-                dz += logq_s.exp_().sub_(q_t).mul_(kl_weight / temperature)
-            dz.mul_(valid / normalizer)
+            valid = (y != IGNORE_INDEX).float()
+            z = (hs @ w_s.T).float().requires_grad_(True)
+            with torch.enable_grad():
+                logp = torch.log_softmax(z, dim=-1)
+                lm = -(logp.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1) * valid).sum()
+                loss = lm_weight * lm
+                if use_kd:
+                    logp_t = torch.log_softmax((h_t[start : start + chunk] @ w_t.T).float() / temperature, dim=-1)
+                    kd = (divergence(torch.log_softmax(z / temperature, dim=-1), logp_t) * valid).sum()
+                    loss = loss + kd_weight * kd
+                    kd_sum += kd.detach()
+                (dz,) = torch.autograd.grad(loss / normalizer, z)
+            lm_sum += lm.detach()
             if need_h:
                 grad_h[start : start + chunk] = (dz.to(w_s.dtype) @ w_s).to(h_s.dtype)
             if need_w:  # matmul in the input dtype (tensor cores), accumulation over chunks in fp32
                 grad_w += dz.T.to(hs.dtype) @ hs
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w_s.dtype
-        lm, kl = lm_sum / normalizer, kl_sum / normalizer
-        total = lm_weight * lm + kl_weight * kl
-        ctx.mark_non_differentiable(lm, kl)
-        return total, lm, kl
+        lm, kd = lm_sum / normalizer, kd_sum / normalizer
+        total = lm_weight * lm + kd_weight * kd
+        ctx.mark_non_differentiable(lm, kd)
+        return total, lm, kd
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_lm, _grad_kl):
+    def backward(ctx, grad_total, _grad_lm, _grad_kd):
         grad_h, grad_w = ctx.saved_tensors
         grad_h = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
         grad_w = (grad_w * grad_total).to(ctx.w_dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
 
 
 def head_losses(
@@ -95,7 +179,8 @@ def head_losses(
     cfg: LossConfig,
     normalizer: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """LM cross-entropy and KL(teacher || student) at temperature T, means over labelled tokens.
+    """LM cross-entropy and D(teacher || student) at temperature T (`cfg.divergence`, forward KL by
+    default), means over labelled tokens.
 
     h_s [N, d_S] and w_s [V, d_S] give the student logits, h_t [N, d_T] and w_t [V, d_T] the
     teacher's (None: no KL). `normalizer` replaces the local labelled-token count, e.g. by the
@@ -106,7 +191,8 @@ def head_losses(
         normalizer = max(int((labels != IGNORE_INDEX).sum()), 1)
     chunk = cfg.chunk_tokens or max(1, CHUNK_ELEMENTS // w_s.shape[0])
     kl_weight = cfg.kl_weight if h_t is not None else 0.0
-    return _HeadLosses.apply(h_s, w_s, h_t, w_t, labels, cfg.temperature, cfg.lm_weight, kl_weight, float(normalizer), chunk)
+    return _HeadLosses.apply(h_s, w_s, h_t, w_t, labels, divergence_fn(cfg), cfg.temperature, cfg.lm_weight,
+                             kl_weight, float(normalizer), chunk)
 
 
 def lrc_loss(

@@ -61,13 +61,14 @@ def test_teacher_activations_are_not_in_the_graph(tmp_path):
     assert not out.teacher_hidden.requires_grad and out.student_hidden.requires_grad
 
 
-@pytest.mark.parametrize("term", ["loss", "kl", "clone"])
-def test_a_few_steps_lower_the_loss(tmp_path, term):
-    """AdamW on the full objective lowers it; on KL (or clone) alone, lowers that term."""
+@pytest.mark.parametrize("term,divergence", [("loss", "forward_kl"), ("kl", "forward_kl"), ("clone", "forward_kl"),
+                                             ("kl", "js"), ("kl", "adaptive_kl")])
+def test_a_few_steps_lower_the_loss(tmp_path, term, divergence):
+    """AdamW on the full objective lowers it; on the logit divergence (or clone) alone, lowers that term."""
     model = LowRankClone.from_teacher(build_checkpoint(tmp_path / "m", "llama3"), LRCConfig(32))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
     only = {"kl": dict(lm_weight=0.0, clone_weight=0.0), "clone": dict(lm_weight=0.0, kl_weight=0.0)}
-    cfg = LossConfig(temperature=2.0, **only.get(term, {}))
+    cfg = LossConfig(temperature=2.0, divergence=divergence, **only.get(term, {}))
     history = []
     for _ in range(15):
         total, metrics = model(IDS, IDS, cfg)
