@@ -15,11 +15,30 @@ from lrc_dist.losses import LossConfig
 from lrc_dist.lrc import LRCConfig
 
 
+METHODS = ("lrc", "kd", "lm")
+
+
 @dataclass
 class ModelConfig:
+    # lrc: Low-Rank Clone. kd: logit KD into an ordinary student (the baseline). lm: the student
+    # alone on the LM loss (pre-training; the demo makes its teacher this way).
+    method: str = "lrc"
     teacher: str = ""  # local Hugging Face checkpoint directory of the frozen teacher
-    dtype: str = "bfloat16"  # teacher weights and compute; projections/norms stay fp32 masters
+    # kd/lm: a checkpoint dir with the student's config.json (+ tokenizer; its weights, if any, are
+    # the start). kd without it: a random student of the LRC student's shape (lrc.student_hidden_size).
+    student: str = ""
+    dtype: str = "bfloat16"  # teacher weights and compute; trainable tensors stay fp32 masters
     lrc: LRCConfig = field(default_factory=lambda: LRCConfig(student_hidden_size=0))
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"model.method={self.method!r}; choose from {', '.join(METHODS)}.")
+
+    def tokenizer_dir(self) -> str:
+        """Where the tokenizer of the trained model's input lives: the student's dir if it has one."""
+        if self.student and (Path(self.student) / "tokenizer.json").is_file():
+            return self.student
+        return self.teacher or self.student
 
 
 @dataclass

@@ -11,7 +11,6 @@ rms_norm_eps and tie flag, plus the teacher's tokenizer files, so that
 
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import fire
 import torch
 from huggingface_hub import save_torch_state_dict
 
+from lrc_dist.kd import KnowledgeDistillation
 from lrc_dist.lrc import LowRankClone, load_lrc, read_lrc_meta
 
 # Files that make up a tokenizer (and generation defaults) in an HF checkpoint directory.
@@ -30,31 +30,27 @@ TOKENIZER_FILES = (
 
 
 def export_student(
-    model: LowRankClone,
+    model: LowRankClone | KnowledgeDistillation,
     out_dir: str | Path,
-    teacher_dir: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None,
     dtype: torch.dtype | None = None,
     max_shard_size: str = "5GB",
 ) -> Path:
-    """Write the student of `model` to `out_dir` as a standard HF checkpoint; returns the path."""
+    """Write the student of `model` (LRC: materialised once) to `out_dir` as a standard HF
+    checkpoint, with the tokenizer files found in `tokenizer_dir`; returns the path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    student = model.student_args()
-    config = copy.deepcopy(model.hf_config)
-    config.hidden_size = student.hidden_size
-    config.head_dim = student.head_dim
-    config.rms_norm_eps = student.rms_norm_eps
-    config.tie_word_embeddings = student.tie_word_embeddings
+    config = model.student_hf_config()
     state = model.student_state_dict()
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     config.dtype = next(iter(state.values())).dtype
     config.save_pretrained(out)
     save_torch_state_dict(state, out, max_shard_size=max_shard_size)
-    if teacher_dir is not None:
+    if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
-            if (Path(teacher_dir) / name).is_file():
-                shutil.copy2(Path(teacher_dir) / name, out / name)
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, out / name)
     return out
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers import PretrainedConfig
 
 from lrc_dist.losses import LossConfig, LRCOutput, lrc_loss
 from lrc_dist.model import (
@@ -28,6 +29,7 @@ from lrc_dist.model import (
     ModelArgs,
     RMSNorm,
     attention_mix,
+    resized_config,
     rms_norm,
     swiglu,
 )
@@ -138,6 +140,9 @@ class LowRankBlock(nn.Module):
 class LowRankClone(nn.Module):
     """Teacher and generated student side by side. Only projections and student norms train."""
 
+    # A block reads its teacher weights directly (W_T @ P): ZeRO-3 must gather it as a whole.
+    leaf_module_classes = (LowRankBlock,)
+
     def __init__(self, teacher: CausalLM, cfg: LRCConfig):
         super().__init__()
         args = teacher.args
@@ -210,6 +215,19 @@ class LowRankClone(nn.Module):
             h_t = self.teacher_norm(h_t)
         return LRCOutput(h_t, self.norm(h_s), clone)
 
+    # ---- what the trainer and the backends use ---------------------------------------------------
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        for block in self.layers:
+            block.activation_checkpointing = enabled
+
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.layers)
+
+    def external_params(self) -> list[Tensor]:
+        """Weights the root forward reads outside their module's own forward."""
+        return [self.teacher_embed.weight, self.teacher_head_weight()]
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
@@ -217,6 +235,10 @@ class LowRankClone(nn.Module):
 
     def student_args(self) -> ModelArgs:
         return replace(self.teacher_args, hidden_size=self.cfg.student_hidden_size, rms_norm_eps=self.eps)
+
+    def student_hf_config(self) -> PretrainedConfig:
+        a = self.student_args()
+        return resized_config(self.hf_config, a.hidden_size, a.head_dim, a.rms_norm_eps, a.tie_word_embeddings)
 
     @torch.no_grad()
     def student_state_dict(self) -> dict[str, Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,16 +26,25 @@ def lrc_flops_per_token(args: ModelArgs, d_s: int, seq_len: int, tokens_per_forw
     """
     q, kv, inter, d_t, vocab, layers = (args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim,
                                         args.intermediate_size, args.hidden_size, args.vocab_size, args.num_layers)
-
-    def layer_matmul_params(d: int) -> int:
-        return d * (q + 2 * kv) + q * d + 3 * d * inter
-
-    attention = 4 * seq_len * q  # scores and weighted values, forward, per layer (no causal discount)
-    teacher = 2 * (layers * layer_matmul_params(d_t) + vocab * d_t) + layers * attention
-    student = 3 * (2 * (layers * layer_matmul_params(d_s) + vocab * d_s) + layers * attention)
+    teacher = forward_flops_per_token(args, seq_len)
+    student = 3 * forward_flops_per_token(replace(args, hidden_size=d_s), seq_len)
     per_token_projection = 4 * d_t * d_s * (1 + 2 * layers)  # embedding, o and down clone targets: fwd + dP
     weight_generation = 4 * d_t * d_s * (layers * (2 * q + 2 * kv + 3 * inter) + vocab)  # per forward
     return teacher + student + per_token_projection + weight_generation / tokens_per_forward
+
+
+def forward_flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Matmul FLOPs of one token through a decoder and its head (attention without causal discount)."""
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    d = args.hidden_size
+    layer = d * (q + 2 * kv) + q * d + 3 * d * args.intermediate_size
+    attention = 4 * seq_len * q  # scores and weighted values
+    return 2 * (args.num_layers * layer + args.vocab_size * d) + args.num_layers * attention
+
+
+def kd_flops_per_token(student: ModelArgs, teacher: ModelArgs | None, seq_len: int) -> float:
+    """Student forward and backward, plus the teacher's forward when there is one."""
+    return 3 * forward_flops_per_token(student, seq_len) + (forward_flops_per_token(teacher, seq_len) if teacher else 0)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:

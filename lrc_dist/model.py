@@ -8,6 +8,7 @@ and the LRC student (lrc.py) runs the very same code with generated weights `W_T
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,15 @@ class CausalLM(nn.Module):
         state = read_safetensors(path, dtype=dtype, device=device)
         load_checked(model, state, path)
         return model
+
+
+def resized_config(config: PretrainedConfig, hidden_size: int, head_dim: int, rms_norm_eps: float,
+                   tie_word_embeddings: bool) -> PretrainedConfig:
+    """`config` at another width; head_dim is explicit since it no longer equals hidden / heads."""
+    config = copy.deepcopy(config)
+    config.hidden_size, config.head_dim = hidden_size, head_dim
+    config.rms_norm_eps, config.tie_word_embeddings = rms_norm_eps, tie_word_embeddings
+    return config
 
 
 # ---- loading local checkpoints ------------------------------------------------------------------

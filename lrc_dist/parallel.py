@@ -1,9 +1,12 @@
 """Distributed backends: FSDP2 (`fully_shard`), DeepSpeed ZeRO, or one plain process.
 
-Each backend wraps a `LowRankClone` behind one small interface the trainer uses: call the model,
-`backward` (or `skip_micro` for a non-finite loss), `step` (clip + optimizer) or `skip_step`,
-`set_lr`, checkpoint `save`/`load`, and `full_trainable_state` for exports. The
-unit of sharding is the `LowRankBlock` (frozen teacher layer + its projections + student norms).
+Each backend wraps a distillation model (`LowRankClone`, or the `KnowledgeDistillation` baseline)
+behind one small interface the trainer uses: call the model, `backward` (or `skip_micro` for a
+non-finite loss), `step` (clip + optimizer) or `skip_step`, `set_lr`, checkpoint `save`/`load`,
+and `full_trainable_state` for exports. The model names its units of sharding (`shard_units`: for
+LRC the `LowRankBlock`, i.e. frozen teacher layer + its projections + student norms), the modules
+ZeRO-3 must gather whole (`leaf_module_classes`) and the weights its root forward reads directly
+(`external_params`: the heads).
 Gradients are *summed* over micro-batches and ranks: the loss is pre-divided by the global token
 count (see losses.py), so the trainer multiplies it by the world size to undo the backends' mean.
 """
@@ -23,7 +26,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from lrc_dist.config import TrainConfig
-from lrc_dist.lrc import LowRankBlock, LowRankClone
+from lrc_dist.kd import KnowledgeDistillation
+from lrc_dist.lrc import LowRankClone
+
+DistillationModel = LowRankClone | KnowledgeDistillation
 
 
 @dataclass
@@ -77,10 +83,9 @@ def adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
 class TorchBackend:
     """FSDP2-sharded (`backend: fsdp`) or plain (`backend: none`) model; DCP checkpoints for both."""
 
-    def __init__(self, model: LowRankClone, cfg: TrainConfig, info: DistInfo):
+    def __init__(self, model: DistillationModel, cfg: TrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
-        for block in model.layers:
-            block.activation_checkpointing = cfg.parallel.activation_checkpointing
+        model.set_activation_checkpointing(cfg.parallel.activation_checkpointing)
         model.to(info.device)
         if cfg.parallel.backend == "fsdp":
             shard_fsdp(model, cfg, info)
@@ -131,7 +136,7 @@ class TorchBackend:
         return model_sd
 
 
-def teacher_fits(model: LowRankClone, info: DistInfo) -> bool:
+def teacher_fits(model: DistillationModel, info: DistInfo) -> bool:
     """Replicating the teacher saves an all-gather per layer; do it when it takes < 1/4 of memory."""
     teacher_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     if info.device.type == "cuda":
@@ -141,7 +146,7 @@ def teacher_fits(model: LowRankClone, info: DistInfo) -> bool:
     return teacher_bytes < total // 4
 
 
-def shard_fsdp(model: LowRankClone, cfg: TrainConfig, info: DistInfo) -> None:
+def shard_fsdp(model: DistillationModel, cfg: TrainConfig, info: DistInfo) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -155,27 +160,28 @@ def shard_fsdp(model: LowRankClone, cfg: TrainConfig, info: DistInfo) -> None:
     def frozen(module: nn.Module) -> set[nn.Parameter] | None:
         return {p for p in module.parameters() if not p.requires_grad} if replicate else None
 
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=frozen(block))
+    for unit in model.shard_units():
+        if replicate and not any(p.requires_grad for p in unit.parameters()):
+            continue  # a frozen teacher layer, replicated: nothing of it to shard
+        fully_shard(unit, mesh=mesh, mp_policy=mp, ignored_params=frozen(unit))
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=frozen(model))
 
 
 class DeepSpeedBackend:
     """DeepSpeed ZeRO (stage and offload from the JSON config); blocks are ZeRO-3 leaf modules."""
 
-    def __init__(self, model: LowRankClone, cfg: TrainConfig, info: DistInfo, grad_accum: int):
+    def __init__(self, model: DistillationModel, cfg: TrainConfig, info: DistInfo, grad_accum: int):
         import deepspeed
         from deepspeed.utils import set_z3_leaf_modules
 
         self.cfg, self.info = cfg, info
         ds_config = deepspeed_config(cfg, grad_accum)
-        for block in model.layers:
-            block.activation_checkpointing = cfg.parallel.activation_checkpointing
+        model.set_activation_checkpointing(cfg.parallel.activation_checkpointing)
         if ds_config["zero_optimization"].get("stage", 0) == 3:
-            # Gather a whole block at once: its forward reads the teacher weights of child modules
-            # directly (W_T @ P), which ZeRO-3's per-module hooks would otherwise never fetch.
-            set_z3_leaf_modules(model, [LowRankBlock])
-            for weight in (model.teacher_embed.weight, model.teacher_head_weight()):
+            # Gather a whole block at once: its forward reads the weights of child modules directly
+            # (LRC: W_T @ P), which ZeRO-3's per-module hooks would otherwise never fetch.
+            set_z3_leaf_modules(model, list(model.leaf_module_classes))
+            for weight in model.external_params():
                 deepspeed.zero.register_external_parameter(model, weight)
         optimizer = adamw(trainable(model), cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -238,7 +244,7 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
     return ds
 
 
-def build_backend(model: LowRankClone, cfg: TrainConfig, info: DistInfo, grad_accum: int):
+def build_backend(model: DistillationModel, cfg: TrainConfig, info: DistInfo, grad_accum: int):
     backend = cfg.parallel.backend
     if backend in ("fsdp", "none"):
         if backend == "none" and info.world_size > 1:

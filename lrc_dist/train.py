@@ -1,4 +1,5 @@
-"""LRC training: build -> parallelize -> resume -> loop -> checkpoint/export.
+"""LRC training (and its baselines, `model.method: kd | lm`): build -> parallelize -> resume ->
+loop -> checkpoint/export.
 
     torchrun --nproc_per_node=8 -m lrc_dist.train configs/lrc_qwen7b.yaml --optim.lr=1e-4 ...
     python -m lrc_dist.train configs/tiny_cpu.yaml --parallel.backend=none     # one process
@@ -22,10 +23,11 @@ from lrc_dist.checkpoint import Checkpointer
 from lrc_dist.config import TrainConfig, load_config, to_dict
 from lrc_dist.data import DistributedBatches, PackedMixture, TokenSet
 from lrc_dist.export import export_student
+from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
 from lrc_dist.lrc import LowRankClone, save_lrc
-from lrc_dist.metrics import MetricsLogger, lrc_flops_per_token, memory_gb, peak_flops
+from lrc_dist.metrics import MetricsLogger, kd_flops_per_token, lrc_flops_per_token, memory_gb, peak_flops
 from lrc_dist.model import CausalLM
-from lrc_dist.parallel import DistInfo, build_backend, dtype_of, init_distributed
+from lrc_dist.parallel import DistillationModel, DistInfo, build_backend, dtype_of, init_distributed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,24 +58,44 @@ def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.global_batch_size // per_pass
 
 
-def build_model(cfg: TrainConfig) -> LowRankClone:
-    if not cfg.model.teacher:
+def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> DistillationModel:
+    """The model of `cfg.model.method`, initialised identically on every rank (same seed)."""
+    m = cfg.model
+    dtype = dtype or dtype_of(m.dtype)
+    if m.method == "lm":
+        if not m.student:
+            raise ValueError("model.method=lm trains model.student: pass a checkpoint dir with its config.json.")
+        return KnowledgeDistillation(build_student(m.student, cfg.seed))
+    if not m.teacher:
         raise ValueError("model.teacher is not set: pass the directory of a local Hugging Face checkpoint.")
-    teacher = CausalLM.from_pretrained(cfg.model.teacher, dtype=dtype_of(cfg.model.dtype))
-    model = LowRankClone(teacher, cfg.model.lrc)
-    model.init_weights(cfg.seed)  # identical on every rank: same seed
+    teacher = CausalLM.from_pretrained(m.teacher, dtype=dtype)
+    if m.method == "kd":
+        student = build_student(m.student, cfg.seed) if m.student else student_like(
+            teacher, m.lrc.student_hidden_size, cfg.seed)
+        return KnowledgeDistillation(student, teacher)
+    model = LowRankClone(teacher, m.lrc)
+    model.init_weights(cfg.seed)
     return model
 
 
-def build_batches(cfg: TrainConfig, teacher_vocab: int, rank: int, world_size: int, consumed_samples: int):
+def flops_per_token(model: DistillationModel, cfg: TrainConfig) -> float:
+    tokens_per_forward = cfg.micro_batch_size * cfg.data.seq_len
+    if isinstance(model, LowRankClone):
+        return lrc_flops_per_token(model.teacher_args, cfg.model.lrc.student_hidden_size, cfg.data.seq_len,
+                                   tokens_per_forward)
+    teacher = model.teacher.args if model.teacher is not None else None
+    return kd_flops_per_token(model.student.args, teacher, cfg.data.seq_len)
+
+
+def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int, consumed_samples: int):
     """This rank's micro-batches of the run's sample stream, from `consumed_samples` on."""
     d = cfg.data
     if not d.paths:
         raise ValueError("data.paths is empty: pass token-set directories written by data_prep/tokenize.py.")
     sets = [TokenSet.open(p, verify=d.verify) for p in d.paths]
-    teacher_tokenizer = Path(cfg.model.teacher) / "tokenizer.json"
+    tokenizer = Path(cfg.model.tokenizer_dir()) / "tokenizer.json"
     for token_set in sets:
-        token_set.check_teacher(teacher_vocab, teacher_tokenizer.parent if teacher_tokenizer.is_file() else None)
+        token_set.check_teacher(vocab_size, tokenizer.parent if tokenizer.is_file() else None)
     mixture = PackedMixture(sets, d.weights or [1.0] * len(sets), d.seq_len, seed=d.seed,
                             num_samples=cfg.steps * cfg.global_batch_size)
     return iter(DistributedBatches(mixture, cfg.micro_batch_size, rank, world_size, consumed_samples))
@@ -90,11 +112,14 @@ def export_to(path: Path, backend, cfg: TrainConfig, info: DistInfo) -> None:
     """Save the trainable state (save_lrc format) and the HF student under `path` (rank 0 writes)."""
     state = backend.full_trainable_state()  # collective: every rank takes part
     if info.is_main:
-        teacher = CausalLM.from_pretrained(cfg.model.teacher, dtype=torch.float32)
-        model = LowRankClone(teacher, cfg.model.lrc)
+        model = build_model(cfg, dtype=torch.float32)
+        missing = set(model.trainable_state_dict()) - set(state)
+        if missing:
+            raise RuntimeError(f"export: the gathered state lacks {sorted(missing)[:5]}")
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-        save_lrc(model, path / "lrc", cfg.model.teacher)
-        export_student(model, path / "hf", cfg.model.teacher, dtype=dtype_of(cfg.model.dtype))
+        if isinstance(model, LowRankClone):
+            save_lrc(model, path / "lrc", cfg.model.teacher)
+        export_student(model, path / "hf", cfg.model.tokenizer_dir(), dtype=dtype_of(cfg.model.dtype))
         print(f"exported student to {path / 'hf'}", flush=True)
     dist.barrier()
 
@@ -115,10 +140,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         if info.is_main:
             print(f"resumed from {latest} at step {state['step']}", flush=True)
 
-    batches = build_batches(cfg, model.teacher_args.vocab_size, info.rank, info.world_size, state["consumed_samples"])
+    vocab = model.student.args.vocab_size if isinstance(model, KnowledgeDistillation) else model.teacher_args.vocab_size
+    batches = build_batches(cfg, vocab, info.rank, info.world_size, state["consumed_samples"])
     tokens_per_forward = cfg.micro_batch_size * cfg.data.seq_len
-    flops_per_token = lrc_flops_per_token(model.teacher_args, cfg.model.lrc.student_hidden_size, cfg.data.seq_len,
-                                          tokens_per_forward)
+    model_flops = flops_per_token(model, cfg)
     peak = peak_flops(info.device, cfg.log.peak_tflops)
     logger = MetricsLogger(run_dir, info.is_main, cfg.log.wandb_project, cfg.log.wandb_mode, cfg.log.run_name,
                            to_dict(cfg))
@@ -170,7 +195,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             elapsed = time.perf_counter() - tick
             tps = tokens_since / elapsed
             history.update(grad_norm=grad_norm, lr=lr, tokens_per_s_per_device=tps, memory_gb=memory_gb(info.device),
-                           skipped_step=float(poisoned), mfu=tps * flops_per_token / peak if peak else None)
+                           skipped_step=float(poisoned), mfu=tps * model_flops / peak if peak else None)
             logger.log(state["step"], history)
             tick, tokens_since = time.perf_counter(), 0
         if state["step"] % cfg.checkpoint.interval == 0 or state["step"] == last:

@@ -1,0 +1,116 @@
+"""The baselines beside LRC: an ordinary student trained by logit KD, or by the LM loss alone.
+
+`KnowledgeDistillation` holds a student `CausalLM` whose every weight trains (randomly initialised
+unless its checkpoint has weights) and, optionally, a frozen teacher. Its loss is the LRC loss
+without the clone terms: lm_weight * LM + kl_weight * D(teacher || student) (losses.py). With no
+teacher it is plain language-model pre-training, which the CPU demo uses to make its teacher.
+It exposes the same small interface as `LowRankClone`, so the trainer, the backends and the
+export treat both alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PretrainedConfig
+
+from lrc_dist.losses import LossConfig, head_losses
+from lrc_dist.model import CausalLM, DecoderLayer, ModelArgs, load_config, resized_config, weight_files
+
+
+@torch.no_grad()
+def init_causal_lm_(model: CausalLM, seed: int, std: float = 0.02) -> CausalLM:
+    """Matrices and embeddings ~ N(0, std), norms 1, biases 0 (the HF Llama init). Deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.copy_(torch.randn(param.shape, generator=g) * std)
+    return model
+
+
+def build_student(path: str, seed: int) -> CausalLM:
+    """The student in checkpoint dir `path`: its weights when it has them, else a random init."""
+    try:
+        weight_files(path)
+    except ValueError:  # config only (CheckpointError): a fresh student of that shape
+        config = load_config(path)
+        student = CausalLM(ModelArgs.from_hf(config, str(Path(path) / "config.json")), config)
+        return init_causal_lm_(student.float(), seed)
+    return CausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def student_like(teacher: CausalLM, hidden_size: int, seed: int) -> CausalLM:
+    """A random student of the LRC student's shape: the teacher's at width `hidden_size`."""
+    a = teacher.args
+    config = resized_config(teacher.hf_config, hidden_size, a.head_dim, a.rms_norm_eps, a.tie_word_embeddings)
+    return init_causal_lm_(CausalLM(ModelArgs.from_hf(config), config), seed)
+
+
+class KnowledgeDistillation(nn.Module):
+    """A trainable student and an optional frozen teacher; the loss is LM + D(teacher || student)."""
+
+    leaf_module_classes = (DecoderLayer,)  # layers read their weights directly: ZeRO-3 gathers them whole
+
+    def __init__(self, student: CausalLM, teacher: CausalLM | None = None):
+        super().__init__()
+        if teacher is not None and teacher.args.vocab_size != student.args.vocab_size:
+            raise ValueError(f"the student's vocabulary ({student.args.vocab_size}) differs from the teacher's "
+                             f"({teacher.args.vocab_size}); logit KD needs one vocabulary.")
+        self.student = student.float()  # fp32 masters; FSDP/DeepSpeed cast for compute
+        self.teacher = teacher.requires_grad_(False) if teacher is not None else None
+        self.activation_checkpointing = False
+
+    # ---- what the trainer and the backends use ---------------------------------------------------
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.activation_checkpointing = enabled
+
+    def shard_units(self) -> list[nn.Module]:
+        teacher_layers = list(self.teacher.model.layers) if self.teacher is not None else []
+        return list(self.student.model.layers) + teacher_layers
+
+    def external_params(self) -> list[Tensor]:
+        """Weights the root forward reads outside their module's own forward (the heads)."""
+        heads = [self.student.lm_head_weight]
+        return heads + ([self.teacher.lm_head_weight] if self.teacher is not None else [])
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def forward(self, input_ids: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        h_s = self.student_hidden(input_ids)
+        h_t = w_t = None
+        if self.teacher is not None and loss_cfg.kl_weight:
+            with torch.no_grad():
+                h_t, w_t = self.teacher.hidden_states(input_ids).flatten(0, 1), self.teacher.lm_head_weight
+        total, lm, kl = head_losses(h_s.flatten(0, 1), self.student.lm_head_weight, h_t, w_t, labels.flatten(),
+                                    loss_cfg, normalizer)
+        return total, {"loss": total.detach(), "lm": lm, "kl": kl}
+
+    def student_hidden(self, input_ids: Tensor) -> Tensor:
+        s = self.student
+        h = s.model.embed_tokens(input_ids)
+        rope = s.rotary.tables(input_ids.shape[1], h.device, h.dtype)
+        for layer in s.model.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, rope, use_reentrant=False)
+            else:
+                h = layer(h, rope)
+        return s.model.norm(h)
+
+    # ---- export ----------------------------------------------------------------------------------
+
+    def student_hf_config(self) -> PretrainedConfig:
+        return self.student.hf_config
+
+    @torch.no_grad()
+    def student_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.student.state_dict().items()}
