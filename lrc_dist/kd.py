@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig
 
-from lrc_dist.losses import LossConfig, head_losses
+from lrc_dist.dskd import DualSpaceProjector
+from lrc_dist.losses import LossConfig, logit_losses
 from lrc_dist.model import CausalLM, DecoderLayer, ModelArgs, load_config, resized_config, weight_files
 
 
@@ -66,6 +67,14 @@ class KnowledgeDistillation(nn.Module):
         self.student = student.float()  # fp32 masters; FSDP/DeepSpeed cast for compute
         self.teacher = teacher.requires_grad_(False) if teacher is not None else None
         self.activation_checkpointing = False
+        self.dual_space: DualSpaceProjector | None = None
+
+    def enable_dual_space(self) -> None:
+        """Add the DSKD projector (loss.dskd_weight), ideally initialised from the two heads."""
+        if self.teacher is None:
+            raise ValueError("DSKD needs a teacher (model.method kd, not lm).")
+        w_t, w_s = self.teacher.lm_head_weight, self.student.lm_head_weight.detach()
+        self.dual_space = DualSpaceProjector(w_t.shape[1], w_s.shape[1]).ideal_init_(w_t, w_s)
 
     # ---- what the trainer and the backends use ---------------------------------------------------
 
@@ -79,7 +88,8 @@ class KnowledgeDistillation(nn.Module):
     def external_params(self) -> list[Tensor]:
         """Weights the root forward reads outside their module's own forward (the heads)."""
         heads = [self.student.lm_head_weight]
-        return heads + ([self.teacher.lm_head_weight] if self.teacher is not None else [])
+        heads += [self.teacher.lm_head_weight] if self.teacher is not None else []
+        return heads + ([self.dual_space.t2s] if self.dual_space is not None else [])
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
@@ -88,12 +98,12 @@ class KnowledgeDistillation(nn.Module):
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         h_s = self.student_hidden(input_ids)
         h_t = w_t = None
-        if self.teacher is not None and loss_cfg.kl_weight:
+        if self.teacher is not None and (loss_cfg.kl_weight or loss_cfg.dskd_weight):
             with torch.no_grad():
                 h_t, w_t = self.teacher.hidden_states(input_ids).flatten(0, 1), self.teacher.lm_head_weight
-        total, lm, kl = head_losses(h_s.flatten(0, 1), self.student.lm_head_weight, h_t, w_t, labels.flatten(),
-                                    loss_cfg, normalizer)
-        return total, {"loss": total.detach(), "lm": lm, "kl": kl}
+        total, metrics = logit_losses(h_s.flatten(0, 1), self.student.lm_head_weight, h_t, w_t, labels.flatten(),
+                                      loss_cfg, normalizer, self.dual_space)
+        return total, {"loss": total.detach(), **metrics}
 
     def student_hidden(self, input_ids: Tensor) -> Tensor:
         s = self.student

@@ -1,4 +1,5 @@
-"""LRC training loss: L = w_lm * LM + w_kl * D(teacher || student) + alpha * sum_terms w_t * clone_t.
+"""LRC training loss: L = w_lm * LM + w_kl * D(teacher || student) + alpha * sum_terms w_t * clone_t
+(+ w_dskd * the dual-space objective of dskd.py, when set).
 
 D is forward KL in the LRC paper; any divergence of `DIVERGENCES` can replace it
 (`loss.divergence`); its value is logged as "kl" whichever it is.
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from lrc_dist.dskd import DualSpaceProjector
     from lrc_dist.lrc import LowRankClone
 
 IGNORE_INDEX = -100
@@ -36,6 +38,10 @@ class LossConfig:
     divergence: str = "forward_kl"  # the logit term D(teacher || student): see DIVERGENCES
     skew: float = 0.1  # lambda of the skewed KL divergences
     chunk_tokens: int | None = None  # tokens per chunk of the head losses; None: ~CHUNK_ELEMENTS logits
+    dskd_weight: float = 0.0  # weight of the dual-space KD loss (lrc_dist.dskd); 0 disables it
+    dskd_temperature: float = 2.0  # softmax temperature of the DSKD divergences (no T^2 factor)
+    dskd_divergence: str = "forward_kl"  # D of both DSKD spaces: see DIVERGENCES
+    dskd_mask: bool = True  # student-space KD only where the projected teacher keeps the teacher's argmax
 
 
 @dataclass
@@ -112,11 +118,13 @@ DIVERGENCES = {
 }
 
 
-def divergence_fn(cfg: LossConfig):
-    if cfg.divergence not in DIVERGENCES:
-        raise ValueError(f"loss.divergence={cfg.divergence!r}; choose from {', '.join(DIVERGENCES)}.")
-    fn = DIVERGENCES[cfg.divergence]
-    return functools.partial(fn, skew=cfg.skew) if cfg.divergence.startswith("skewed") else fn
+def divergence_fn(name: str, skew: float, field: str = "divergence"):
+    """The divergence `name` of DIVERGENCES, with `skew` bound for the skewed ones; `field` names the
+    config entry in the error."""
+    if name not in DIVERGENCES:
+        raise ValueError(f"loss.{field}={name!r}; choose from {', '.join(DIVERGENCES)}.")
+    fn = DIVERGENCES[name]
+    return functools.partial(fn, skew=skew) if name.startswith("skewed") else fn
 
 
 class _HeadLosses(torch.autograd.Function):
@@ -191,8 +199,29 @@ def head_losses(
         normalizer = max(int((labels != IGNORE_INDEX).sum()), 1)
     chunk = cfg.chunk_tokens or max(1, CHUNK_ELEMENTS // w_s.shape[0])
     kl_weight = cfg.kl_weight if h_t is not None else 0.0
-    return _HeadLosses.apply(h_s, w_s, h_t, w_t, labels, divergence_fn(cfg), cfg.temperature, cfg.lm_weight,
+    divergence = divergence_fn(cfg.divergence, cfg.skew)
+    return _HeadLosses.apply(h_s, w_s, h_t, w_t, labels, divergence, cfg.temperature, cfg.lm_weight,
                              kl_weight, float(normalizer), chunk)
+
+
+def logit_losses(
+    h_s: Tensor, w_s: Tensor, h_t: Tensor | None, w_t: Tensor | None, labels: Tensor, cfg: LossConfig,
+    normalizer: float | None = None, dual_space: "DualSpaceProjector | None" = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """lm_weight * LM + kl_weight * D(teacher || student) (`head_losses`), plus dskd_weight * the
+    DSKD objective (dskd.py) when that weight is set: (total, {"lm", "kl"[, "dskd", "dskd/..."]})."""
+    total, lm, kl = head_losses(h_s, w_s, h_t, w_t, labels, cfg, normalizer)
+    metrics = {"lm": lm, "kl": kl}
+    if cfg.dskd_weight:
+        from lrc_dist.dskd import dskd_losses  # dskd.py builds on this module
+
+        if dual_space is None or h_t is None:
+            raise ValueError("loss.dskd_weight > 0 needs a teacher and a model built with loss.dskd_weight set "
+                             "(it owns the DSKD projector).")
+        dskd, dskd_metrics = dskd_losses(h_s, w_s, h_t, w_t, labels != IGNORE_INDEX, dual_space, cfg, normalizer)
+        total = total + dskd
+        metrics.update(dskd_metrics)
+    return total, metrics
 
 
 def lrc_loss(
@@ -206,14 +235,14 @@ def lrc_loss(
     """
     local = (labels != IGNORE_INDEX).sum()
     share = 1.0 if normalizer is None else local / normalizer
-    head, lm, kl = head_losses(
+    head, metrics = logit_losses(
         out.student_hidden.flatten(0, 1), model.student_head_weight(),
         out.teacher_hidden.flatten(0, 1), model.teacher_head_weight(),
-        labels.flatten(), cfg, normalizer,
+        labels.flatten(), cfg, normalizer, model.dual_space,
     )
     weights = model.cfg.clone_term_weights
     clone = share * sum(weights.get(name, 1.0) * value for name, value in out.clone.items())
     total = head + cfg.clone_weight * clone
-    metrics = {"loss": total, "lm": lm, "kl": kl, "clone": clone}
+    metrics.update(loss=total, clone=clone)
     metrics.update({f"clone/{name}": share * value for name, value in out.clone.items()})
     return total, {k: torch.as_tensor(v).detach() for k, v in metrics.items()}

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig
 
+from lrc_dist.dskd import DualSpaceProjector
 from lrc_dist.losses import LossConfig, LRCOutput, lrc_loss
 from lrc_dist.model import (
     CausalLM,
@@ -162,6 +163,15 @@ class LowRankClone(nn.Module):
         if not args.tie_word_embeddings:
             self.teacher_lm_head = freeze(teacher.lm_head)
             self.lm_head_proj = nn.Parameter(torch.empty(d_t, d_s))
+        self.dual_space: DualSpaceProjector | None = None
+
+    def enable_dual_space(self) -> None:
+        """Add the DSKD projector (loss.dskd_weight), ideally initialised from the two heads: call
+        after `init_weights`, whose projections define the student head."""
+        w_t = self.teacher_head_weight()
+        with torch.no_grad():
+            w_s = self.student_head_weight().float()
+        self.dual_space = DualSpaceProjector(w_t.shape[1], w_s.shape[1]).ideal_init_(w_t, w_s)
 
     @classmethod
     def from_teacher(cls, path: str | Path, cfg: LRCConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> "LowRankClone":
@@ -226,7 +236,8 @@ class LowRankClone(nn.Module):
 
     def external_params(self) -> list[Tensor]:
         """Weights the root forward reads outside their module's own forward."""
-        return [self.teacher_embed.weight, self.teacher_head_weight()]
+        dual_space = [self.dual_space.t2s] if self.dual_space is not None else []
+        return [self.teacher_embed.weight, self.teacher_head_weight(), *dual_space]
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
@@ -271,7 +282,9 @@ def save_lrc(model: LowRankClone, path: str | Path, teacher_path: str | Path) ->
     """Write the trainable tensors and the config; the teacher is referenced, never copied."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.trainable_state_dict().items()}, str(path / LRC_WEIGHTS_FILE))
+    # the student only: the DSKD projector is a training-time tool, no part of the student
+    state = {k: v.contiguous() for k, v in model.trainable_state_dict().items() if not k.startswith("dual_space.")}
+    save_file(state, str(path / LRC_WEIGHTS_FILE))
     meta = {"teacher": str(Path(teacher_path).resolve()), "lrc": asdict(model.cfg)}
     (path / LRC_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 

@@ -72,9 +72,12 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Distillat
     if m.method == "kd":
         student = build_student(m.student, cfg.seed) if m.student else student_like(
             teacher, m.lrc.student_hidden_size, cfg.seed)
-        return KnowledgeDistillation(student, teacher)
-    model = LowRankClone(teacher, m.lrc)
-    model.init_weights(cfg.seed)
+        model = KnowledgeDistillation(student, teacher)
+    else:
+        model = LowRankClone(teacher, m.lrc)
+        model.init_weights(cfg.seed)
+    if cfg.loss.dskd_weight:
+        model.enable_dual_space()
     return model
 
 
