@@ -1,0 +1,278 @@
+"""The whole job end to end on a CPU, from nothing but this repository and Python's standard library.
+
+    python -m lrc_dist.demo [--out runs/demo] [--preset default|quick]
+
+1. corpus: English prose from Python's own documentation (pydoc_data topics) and the docstrings
+   of the standard library, split by document into train and held-out sets.
+2. tokenizer: a byte-level BPE trained on the train split; data_prep's pipeline tokenizes both.
+3. teacher: no pretrained weights can be had offline, so a small Llama-family model is
+   pre-trained on the corpus first (`model.method: lm`).
+4. students at d_S = teacher width / 2, same token budget each: LRC, LRC without the clone loss
+   (alpha = 0), and plain logit KD into a randomly initialised student of the same shape.
+5. HF export of each, then evaluation with transformers: held-out perplexity and the shipped
+   multiple-choice task (assets/tasks/pydoc_cloze.jsonl, cut from held-out documents).
+6. summary.md (the comparison table), results.json, and losses.png (every loss term, per run).
+
+Every stage runs the product's own entry points (tokenize_corpus, train, export, evaluate), in
+one process with the `none` backend; a finished stage is reused when the demo is run again.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import random
+import sysconfig
+import time
+from pathlib import Path
+
+import fire
+import pydoc_data.topics
+import torch
+import transformers
+
+from lrc_dist.config import load_config
+from lrc_dist.evaluate import SHIPPED_TASKS, choice, perplexity
+from lrc_dist.pretokenize import tokenize_corpus
+from lrc_dist.train import train
+
+HELD_OUT_EVERY = 10  # every 10th document (by sorted name) is held out
+TASK = SHIPPED_TASKS / "pydoc_cloze.jsonl"
+
+PRESETS = {
+    # ~10 minutes on 2 cores. Teacher ~2.4M parameters (width 192), students width 96.
+    "default": dict(width=192, layers=4, heads=4, kv_heads=2, ffn=512, vocab=2048, seq_len=128, batch=16,
+                    teacher_steps=300, teacher_lr=3e-3, student_steps=150, student_lr=3e-3, eval_windows=64,
+                    megabytes=None),
+    # The same pipeline in about a minute, for CI.
+    "quick": dict(width=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=512, seq_len=64, batch=8,
+                  teacher_steps=40, teacher_lr=3e-3, student_steps=20, student_lr=3e-3, eval_windows=8,
+                  megabytes=0.3),
+}
+
+# name -> (label, config overrides) of the students, trained on the same token budget.
+STUDENTS = {
+    "lrc": ("LRC", {}),
+    "lrc_no_clone": ("LRC without clone loss", {"loss.clone_weight": 0.0}),
+    "kd": ("plain KD, random init", {"model.method": "kd"}),
+}
+
+
+# ---- corpus --------------------------------------------------------------------------------------
+
+
+def documents() -> list[tuple[str, str]]:
+    """(name, text) of every document: pydoc topics and standard-library docstrings, sorted by name."""
+    docs = [(f"pydoc/{k}", v.strip()) for k, v in pydoc_data.topics.topics.items()]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/*.py")):
+        if any(part.startswith(("test", "site-packages", "idlelib")) for part in path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        texts = [ast.get_docstring(n) for n in ast.walk(tree)
+                 if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)]
+        text = "\n\n".join(t for t in texts if t and len(t) > 80)
+        if text:
+            docs.append((f"stdlib/{path.relative_to(stdlib)}", text))
+    return sorted(docs)
+
+
+def split(docs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    train_docs = [text for i, (_, text) in enumerate(docs) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+    held_out = [text for i, (_, text) in enumerate(docs) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+    return train_docs, held_out
+
+
+def write_jsonl(path: Path, texts: list[str]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+
+
+def build_task(path: Path = TASK, items: int = 120, seed: int = 0) -> None:
+    """The shipped cloze task: a held-out sentence's start, its true end among 4 endings."""
+    rng = random.Random(seed)
+    _, held_out = split(documents())
+    sentences = [" ".join(s.split()) for doc in held_out for s in doc.replace("\n", " ").split(". ")]
+    sentences = [s for s in sentences if 10 <= len(s.split()) <= 30 and s.isascii()]
+    rng.shuffle(sentences)
+    out = []
+    for s in sentences[:items]:
+        words = s.split()
+        cut = len(words) // 2
+        ending = " " + " ".join(words[cut:]) + "."
+        others = [o.split() for o in rng.sample(sentences, 3) if o != s]
+        choices = [ending] + [" " + " ".join(o[len(o) // 2 :]) + "." for o in others]
+        rng.shuffle(choices)
+        out.append({"query": " ".join(words[:cut]), "choices": choices, "gold": choices.index(ending)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(o) + "\n" for o in out))
+
+
+# ---- tokenizer and models --------------------------------------------------------------------------
+
+
+def train_tokenizer(corpus: Path, out: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((json.loads(line)["text"] for line in open(corpus, encoding="utf-8")), trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
+
+
+def write_teacher_config(out: Path, p: dict) -> None:
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=p["vocab"], hidden_size=p["width"], intermediate_size=p["ffn"],
+                num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
+                head_dim=p["width"] // p["heads"], max_position_embeddings=p["seq_len"] * 4, rms_norm_eps=1e-5,
+                tie_word_embeddings=True, eos_token_id=0, bos_token_id=0).save_pretrained(out)
+
+
+def run_training(run_dir: Path, p: dict, steps: int, lr: float, overrides: dict) -> Path:
+    """Train (or reuse a finished run); returns its final HF export."""
+    export = run_dir / f"export_{steps:08d}" / "hf"
+    if (export / "config.json").is_file():
+        return export
+    cfg = load_config(None, {
+        "model.dtype": "float32", "parallel.backend": "none", "parallel.activation_checkpointing": False,
+        "data.seq_len": p["seq_len"], "micro_batch_size": p["batch"], "global_batch_size": p["batch"],
+        "steps": steps, "optim.lr": lr, "optim.warmup": 0.05, "optim.schedule": "cosine", "optim.min_lr_ratio": 0.1,
+        "checkpoint.dir": str(run_dir), "checkpoint.interval": steps, "log.interval": max(1, steps // 25),
+        "log.wandb_project": None, "loss.temperature": 2.0, **overrides,
+    })
+    train(cfg)
+    return export
+
+
+# ---- the pipeline --------------------------------------------------------------------------------
+
+
+def main(out: str = "runs/demo", preset: str = "default", plot: bool = True) -> dict:
+    """Run the whole pipeline into OUT; prints and writes the comparison (summary.md, losses.png)."""
+    if preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r}; choose from {', '.join(PRESETS)}.")
+    p, root, start = PRESETS[preset], Path(out), time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    transformers.utils.logging.disable_progress_bar()
+
+    print("== 1/5 corpus and tokenizer", flush=True)
+    train_docs, held_out = split(documents())
+    if p["megabytes"]:  # the quick preset: a prefix of the corpus
+        budget = int(p["megabytes"] * 1e6)
+        train_docs = [d for d, total in zip(train_docs, _running_sizes(train_docs)) if total <= budget]
+        held_out = held_out[: max(4, len(held_out) // 10)]
+    teacher_init = root / "teacher_init"
+    if not (teacher_init / "tokenizer.json").is_file():
+        write_jsonl(root / "train.jsonl", train_docs)
+        write_jsonl(root / "held_out.jsonl", held_out)
+        train_tokenizer(root / "train.jsonl", teacher_init, p["vocab"])
+        write_teacher_config(teacher_init, p)
+    for name in ("train", "held_out"):
+        if not (root / "tokens" / name / "manifest.json").is_file():
+            tokenize_corpus(str(root / f"{name}.jsonl"), str(teacher_init), str(root / "tokens" / name), workers=1,
+                            progress=False)
+    data = {"data.paths": [str(root / "tokens" / "train")]}
+
+    print("== 2/5 teacher: pre-training on the corpus (no pretrained weights offline)", flush=True)
+    teacher = run_training(root / "teacher", p, p["teacher_steps"], p["teacher_lr"],
+                           {**data, "model.method": "lm", "model.student": str(teacher_init)})
+
+    print("== 3/5 students: same token budget each", flush=True)
+    exports = {"teacher": teacher}
+    for name, (label, overrides) in STUDENTS.items():
+        print(f"-- {label}", flush=True)
+        exports[name] = run_training(root / name, p, p["student_steps"], p["student_lr"], {
+            **data, "model.teacher": str(teacher), "model.lrc.student_hidden_size": p["width"] // 2, **overrides})
+
+    print("== 4/5 evaluation (transformers loads each export)", flush=True)
+    results = {}
+    for name, path in exports.items():
+        ppl = perplexity(str(path), str(root / "tokens" / "held_out"), seq_len=p["seq_len"],
+                         max_windows=p["eval_windows"], progress=False)
+        task = choice(str(path), str(TASK), progress=False)
+        results[name] = {"perplexity": ppl["perplexity"], "cloze_acc": task["acc"], "cloze_acc_norm": task["acc_norm"],
+                         "params": _params(path)}
+    train_tokens = p["student_steps"] * p["batch"] * p["seq_len"]
+    table = summary_table(results, train_tokens, p)
+    (root / "results.json").write_text(json.dumps(results, indent=2))
+    (root / "summary.md").write_text(table)
+
+    print("== 5/5 summary", flush=True)
+    if plot:
+        plot_losses({n: root / n / "metrics.jsonl" for n in ("teacher", *STUDENTS)}, root / "losses.png")
+    print(table)
+    print(f"wrote {root / 'summary.md'}, {root / 'results.json'}" + (f", {root / 'losses.png'}" if plot else "")
+          + f" in {time.perf_counter() - start:.0f} s", flush=True)
+    return results
+
+
+def _running_sizes(docs: list[str]) -> list[int]:
+    total, sizes = 0, []
+    for d in docs:
+        total += len(d.encode())
+        sizes.append(total)
+    return sizes
+
+
+def _params(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def summary_table(results: dict, train_tokens: int, p: dict) -> str:
+    rows = ["| model | parameters | held-out perplexity | cloze acc | cloze acc_norm |", "|---|---|---|---|---|"]
+    labels = {"teacher": f"teacher (width {p['width']})", **{k: f"{v[0]} (width {p['width'] // 2})"
+                                                              for k, v in STUDENTS.items()}}
+    for name, r in results.items():
+        rows.append(f"| {labels[name]} | {r['params'] / 1e6:.2f}M | {r['perplexity']:.2f} | {r['cloze_acc']:.3f} | "
+                    f"{r['cloze_acc_norm']:.3f} |")
+    return "\n".join(rows) + f"\n\nStudents: {train_tokens:,} training tokens each.\n"
+
+
+def plot_losses(runs: dict[str, Path], out: Path) -> None:
+    """One panel per loss term, one line per run (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = {name: [json.loads(line) for line in open(path)] for name, path in runs.items() if path.is_file()}
+    terms = ["loss", "lm", "kl", "clone"] + sorted({k for r in records.values() for k in r[0] if k.startswith("clone/")})
+    cols = 4
+    fig, axes = plt.subplots((len(terms) + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((len(terms) + cols - 1) // cols)),
+                             squeeze=False)
+    for ax, term in zip(axes.flat, terms):
+        for i, (name, recs) in enumerate(records.items()):
+            points = [(r["step"], r[term]) for r in recs if r.get(term) is not None]
+            if points and any(v for _, v in points):  # a run without this term (e.g. no teacher: kl 0)
+                ax.plot(*zip(*points), label=name, color=f"C{i}")
+        ax.set_title(term)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    for ax in axes.flat[len(terms):]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def cli(out: str = "runs/demo", preset: str = "default", plot: bool = True) -> None:
+    """Run the whole pipeline into OUT; prints and writes the comparison (summary.md, losses.png)."""
+    main(out, preset, plot)
+
+
+if __name__ == "__main__":
+    fire.Fire(cli)
