@@ -57,6 +57,12 @@ STUDENTS = {
     "lrc_no_clone": ("LRC without clone loss", {"loss.clone_weight": 0.0}),
     "kd": ("plain KD, random init", {"model.method": "kd"}),
 }
+# --dskd: the dual-space objective (DSKD.md's recipe, 0.5 CE + 0.5 L_kd) instead of the KL term.
+DSKD = {"loss.dskd_weight": 0.5, "loss.kl_weight": 0.0, "loss.lm_weight": 0.5}
+DSKD_STUDENTS = {
+    "lrc_dskd": ("LRC, DSKD instead of KL", DSKD),
+    "kd_dskd": ("DSKD, random init", {"model.method": "kd", **DSKD}),
+}
 
 
 # ---- corpus --------------------------------------------------------------------------------------
@@ -156,8 +162,9 @@ def run_training(run_dir: Path, p: dict, steps: int, lr: float, overrides: dict)
 # ---- the pipeline --------------------------------------------------------------------------------
 
 
-def main(out: str = "runs/demo", preset: str = "default", plot: bool = True) -> dict:
-    """Run the whole pipeline into OUT; prints and writes the comparison (summary.md, losses.png)."""
+def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dskd: bool = False) -> dict:
+    """Run the whole pipeline into OUT; prints and writes the comparison (summary.md, losses.png).
+    With `dskd`, two more students: LRC and a random-init student trained by DSKD instead of KL."""
     if preset not in PRESETS:
         raise ValueError(f"--preset {preset!r}; choose from {', '.join(PRESETS)}.")
     p, root, start = PRESETS[preset], Path(out), time.perf_counter()
@@ -189,7 +196,8 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True) -> 
 
     print("== 3/5 students: same token budget each", flush=True)
     exports = {"teacher": teacher}
-    for name, (label, overrides) in STUDENTS.items():
+    students = {**STUDENTS, **(DSKD_STUDENTS if dskd else {})}
+    for name, (label, overrides) in students.items():
         print(f"-- {label}", flush=True)
         exports[name] = run_training(root / name, p, p["student_steps"], p["student_lr"], {
             **data, "model.teacher": str(teacher), "model.lrc.student_hidden_size": p["width"] // 2, **overrides})
@@ -203,13 +211,13 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True) -> 
         results[name] = {"perplexity": ppl["perplexity"], "cloze_acc": task["acc"], "cloze_acc_norm": task["acc_norm"],
                          "params": _params(path)}
     train_tokens = p["student_steps"] * p["batch"] * p["seq_len"]
-    table = summary_table(results, train_tokens, p)
+    table = summary_table(results, train_tokens, p, students)
     (root / "results.json").write_text(json.dumps(results, indent=2))
     (root / "summary.md").write_text(table)
 
     print("== 5/5 summary", flush=True)
     if plot:
-        plot_losses({n: root / n / "metrics.jsonl" for n in ("teacher", *STUDENTS)}, root / "losses.png")
+        plot_losses({n: root / n / "metrics.jsonl" for n in ("teacher", *students)}, root / "losses.png")
     print(table)
     print(f"wrote {root / 'summary.md'}, {root / 'results.json'}" + (f", {root / 'losses.png'}" if plot else "")
           + f" in {time.perf_counter() - start:.0f} s", flush=True)
@@ -231,10 +239,10 @@ def _params(path: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-def summary_table(results: dict, train_tokens: int, p: dict) -> str:
+def summary_table(results: dict, train_tokens: int, p: dict, students: dict) -> str:
     rows = ["| model | parameters | held-out perplexity | cloze acc | cloze acc_norm |", "|---|---|---|---|---|"]
     labels = {"teacher": f"teacher (width {p['width']})", **{k: f"{v[0]} (width {p['width'] // 2})"
-                                                              for k, v in STUDENTS.items()}}
+                                                              for k, v in students.items()}}
     for name, r in results.items():
         rows.append(f"| {labels[name]} | {r['params'] / 1e6:.2f}M | {r['perplexity']:.2f} | {r['cloze_acc']:.3f} | "
                     f"{r['cloze_acc_norm']:.3f} |")
@@ -249,7 +257,8 @@ def plot_losses(runs: dict[str, Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = {name: [json.loads(line) for line in open(path)] for name, path in runs.items() if path.is_file()}
-    terms = ["loss", "lm", "kl", "clone"] + sorted({k for r in records.values() for k in r[0] if k.startswith("clone/")})
+    terms = ["loss", "lm", "kl", "clone", "dskd"] + sorted(
+        {k for r in records.values() for k in r[0] if k.startswith(("clone/", "dskd/"))})
     cols = 4
     fig, axes = plt.subplots((len(terms) + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((len(terms) + cols - 1) // cols)),
                              squeeze=False)
@@ -269,9 +278,10 @@ def plot_losses(runs: dict[str, Path], out: Path) -> None:
     plt.close(fig)
 
 
-def cli(out: str = "runs/demo", preset: str = "default", plot: bool = True) -> None:
-    """Run the whole pipeline into OUT; prints and writes the comparison (summary.md, losses.png)."""
-    main(out, preset, plot)
+def cli(out: str = "runs/demo", preset: str = "default", plot: bool = True, dskd: bool = False) -> None:
+    """Run the whole pipeline into OUT; prints and writes the comparison (summary.md, losses.png).
+    --dskd adds LRC and a random-init student trained by DSKD instead of KL."""
+    main(out, preset, plot, dskd)
 
 
 if __name__ == "__main__":

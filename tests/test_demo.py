@@ -1,4 +1,5 @@
-"""The README's end-to-end demo, at its quick preset: every stage runs and LRC beats plain KD."""
+"""The README's end-to-end demo, at its quick preset with the DSKD students: every stage runs and
+LRC beats plain KD."""
 
 import json
 import os
@@ -11,17 +12,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_demo_quick_preset_end_to_end(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "lrc_dist.demo", "--out", str(tmp_path), "--preset", "quick"],
+    proc = subprocess.run([sys.executable, "-m", "lrc_dist.demo", "--out", str(tmp_path), "--preset", "quick", "--dskd"],
                           cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {"teacher", "lrc", "lrc_no_clone", "kd"}
+    assert set(results) == {"teacher", "lrc", "lrc_no_clone", "kd", "lrc_dskd", "kd_dskd"}
     assert results["lrc"]["params"] == results["kd"]["params"] < results["teacher"]["params"]
     # The quick preset is too short to rank LRC with and without clone loss reliably; both must
     # beat a random-init student trained by KD on the same tokens by a wide margin.
     assert results["lrc"]["perplexity"] < 0.9 * results["kd"]["perplexity"]
     assert results["lrc_no_clone"]["perplexity"] < 0.9 * results["kd"]["perplexity"]
     assert "| LRC (width 32) |" in (tmp_path / "summary.md").read_text()
+    assert results["lrc_dskd"]["perplexity"] < 0.9 * results["kd_dskd"]["perplexity"]
     assert (tmp_path / "losses.png").stat().st_size > 10_000
     for name in ("lrc", "kd"):
         assert (tmp_path / name / "export_00000020/hf/model.safetensors").is_file()
