@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from lrc_dist.indexed_dataset import tokenizer_sha256
 from lrc_dist.losses import LossConfig
 from lrc_dist.lrc import LRCConfig
 
@@ -26,6 +27,7 @@ class ModelConfig:
     teacher: str = ""  # local Hugging Face checkpoint directory of the frozen teacher
     # kd/lm: a checkpoint dir with the student's config.json (+ tokenizer; its weights, if any, are
     # the start). kd without it: a random student of the LRC student's shape (lrc.student_hidden_size).
+    # kd with a tokenizer.json other than the teacher's: distillation across tokenizers (align.py).
     student: str = ""
     dtype: str = "bfloat16"  # teacher weights and compute; trainable tensors stay fp32 masters
     lrc: LRCConfig = field(default_factory=lambda: LRCConfig(student_hidden_size=0))
@@ -40,6 +42,15 @@ class ModelConfig:
             return self.student
         return self.teacher or self.student
 
+    def cross_tokenizer(self) -> bool:
+        """kd whose student has a tokenizer.json other than the teacher's (compared by sha256):
+        the data is in the student's tokens, the teacher reads them re-tokenized, and the KD
+        terms compare aligned positions on the shared vocabulary (lrc_dist.align)."""
+        if self.method != "kd" or not self.student or not self.teacher:
+            return False
+        student, teacher = Path(self.student) / "tokenizer.json", Path(self.teacher) / "tokenizer.json"
+        return student.is_file() and teacher.is_file() and tokenizer_sha256(student) != tokenizer_sha256(teacher)
+
 
 @dataclass
 class DataConfig:
@@ -48,6 +59,9 @@ class DataConfig:
     seq_len: int = 2048
     seed: int = 1234
     verify: str = "fast"  # checksum check at open: fast | full | none
+    # cross-tokenizer KD: the most teacher tokens a window's text may take (the rest go unaligned);
+    # None: 2 * seq_len
+    teacher_max_len: int | None = None
 
 
 @dataclass

@@ -6,10 +6,17 @@ without the clone terms: lm_weight * LM + kl_weight * D(teacher || student) (los
 teacher it is plain language-model pre-training, which the CPU demo uses to make its teacher.
 It exposes the same small interface as `LowRankClone`, so the trainer, the backends and the
 export treat both alike.
+
+Across tokenizers (a teacher whose vocabulary differs; `vocab_overlap` given): the student's LM
+loss is on its own tokens and full head as usual, while the teacher reads the same text in its
+own tokens (`align.TeacherRetokenizer`) and the KD terms (KL and/or DSKD) compare only aligned
+positions, where both models have read the same text and predict the same token, with both heads
+restricted to the tokens the vocabularies share. They are means over the aligned pairs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -18,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
-from lrc_dist.losses import LossConfig, logit_losses
+from lrc_dist.losses import IGNORE_INDEX, LossConfig, head_losses, logit_losses
 from lrc_dist.model import CausalLM, DecoderLayer, ModelArgs, load_config, resized_config, weight_files
 
 
@@ -59,22 +66,42 @@ class KnowledgeDistillation(nn.Module):
 
     leaf_module_classes = (DecoderLayer,)  # layers read their weights directly: ZeRO-3 gathers them whole
 
-    def __init__(self, student: CausalLM, teacher: CausalLM | None = None):
+    def __init__(self, student: CausalLM, teacher: CausalLM | None = None,
+                 vocab_overlap: tuple[Tensor, Tensor] | None = None):
+        """`vocab_overlap`: (teacher_ids, student_ids) of `align.vocab_overlap` for a teacher with
+        another tokenizer; forward then needs the aligned inputs (see `forward`)."""
         super().__init__()
-        if teacher is not None and teacher.args.vocab_size != student.args.vocab_size:
+        if teacher is not None and vocab_overlap is None and teacher.args.vocab_size != student.args.vocab_size:
             raise ValueError(f"the student's vocabulary ({student.args.vocab_size}) differs from the teacher's "
-                             f"({teacher.args.vocab_size}); logit KD needs one vocabulary.")
+                             f"({teacher.args.vocab_size}); logit KD needs one vocabulary, or a student checkpoint "
+                             "dir with its own tokenizer.json for distillation across tokenizers.")
+        if vocab_overlap is not None and teacher is None:
+            raise ValueError("a vocabulary overlap needs a teacher (model.method kd).")
         self.student = student.float()  # fp32 masters; FSDP/DeepSpeed cast for compute
         self.teacher = teacher.requires_grad_(False) if teacher is not None else None
+        self.cross_tokenizer = vocab_overlap is not None
+        # The shared vocabulary's rows of each head; derived from the tokenizers, never checkpointed.
+        teacher_ids, student_ids = vocab_overlap if vocab_overlap is not None else (None, None)
+        self.register_buffer("teacher_vocab", teacher_ids, persistent=False)
+        self.register_buffer("student_vocab", student_ids, persistent=False)
         self.activation_checkpointing = False
         self.dual_space: DualSpaceProjector | None = None
 
+    def kd_heads(self) -> tuple[Tensor, Tensor]:
+        """(student, teacher) head weights the KD terms compare: restricted to the shared
+        vocabulary across tokenizers (index_selects of the registered heads, so gradients reach
+        the student's)."""
+        w_s, w_t = self.student.lm_head_weight, self.teacher.lm_head_weight
+        if self.cross_tokenizer:
+            return w_s.index_select(0, self.student_vocab), w_t.index_select(0, self.teacher_vocab)
+        return w_s, w_t
+
     def enable_dual_space(self) -> None:
-        """Add the DSKD projector (loss.dskd_weight), ideally initialised from the two heads."""
+        """Add the DSKD projector (loss.dskd_weight), ideally initialised from the two (KD) heads."""
         if self.teacher is None:
             raise ValueError("DSKD needs a teacher (model.method kd, not lm).")
-        w_t, w_s = self.teacher.lm_head_weight, self.student.lm_head_weight.detach()
-        self.dual_space = DualSpaceProjector(w_t.shape[1], w_s.shape[1]).ideal_init_(w_t, w_s)
+        w_s, w_t = self.kd_heads()
+        self.dual_space = DualSpaceProjector(w_t.shape[1], w_s.shape[1]).ideal_init_(w_t, w_s.detach())
 
     # ---- what the trainer and the backends use ---------------------------------------------------
 
@@ -94,15 +121,54 @@ class KnowledgeDistillation(nn.Module):
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
-    def forward(self, input_ids: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, input_ids: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None = None,
+                **aligned: Tensor | float) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, detached metrics). Across tokenizers `aligned` holds `TeacherRetokenizer`'s
+        teacher_input_ids, align_student, align_teacher, align_mask and `aligned_normalizer`, the
+        step's global count of aligned pairs (default: this micro-batch's)."""
+        if aligned and not self.cross_tokenizer:
+            raise TypeError(f"aligned inputs {sorted(aligned)} given to a KD model of one vocabulary.")
         h_s = self.student_hidden(input_ids)
+        use_teacher = self.teacher is not None and bool(loss_cfg.kl_weight or loss_cfg.dskd_weight)
+        if self.cross_tokenizer:
+            return self._cross_tokenizer_losses(h_s, labels, loss_cfg, normalizer, use_teacher, **aligned)
         h_t = w_t = None
-        if self.teacher is not None and (loss_cfg.kl_weight or loss_cfg.dskd_weight):
+        if use_teacher:
             with torch.no_grad():
                 h_t, w_t = self.teacher.hidden_states(input_ids).flatten(0, 1), self.teacher.lm_head_weight
         total, metrics = logit_losses(h_s.flatten(0, 1), self.student.lm_head_weight, h_t, w_t, labels.flatten(),
                                       loss_cfg, normalizer, self.dual_space)
+        return total, {"loss": total.detach(), **metrics}
+
+    def _cross_tokenizer_losses(self, h_s: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None,
+                                use_teacher: bool, teacher_input_ids: Tensor | None = None,
+                                align_student: Tensor | None = None, align_teacher: Tensor | None = None,
+                                align_mask: Tensor | None = None, aligned_normalizer: float | None = None
+                                ) -> tuple[Tensor, dict[str, Tensor]]:
+        """LM on the student's own tokens and full head; KD terms on the aligned pairs only."""
+        if normalizer is None:
+            normalizer = max(int((labels != IGNORE_INDEX).sum()), 1)
+        total, lm, kl = head_losses(h_s.flatten(0, 1), self.student.lm_head_weight, None, None, labels.flatten(),
+                                    loss_cfg, normalizer)
+        metrics = {"lm": lm, "kl": kl}
+        if use_teacher:
+            if teacher_input_ids is None or align_student is None or align_teacher is None or align_mask is None:
+                raise ValueError("this KD model distills across tokenizers: forward needs teacher_input_ids, "
+                                 "align_student, align_teacher and align_mask (align.TeacherRetokenizer).")
+            rows, pairs = align_mask.nonzero(as_tuple=True)  # padding pairs are left out
+            with torch.no_grad():
+                h_t = self.teacher.hidden_states(teacher_input_ids)[rows, align_teacher[rows, pairs]]
+            if aligned_normalizer is None:
+                aligned_normalizer = len(rows)
+            w_s, w_t = self.kd_heads()
+            # The head's LM term is off; its labels only mark every pair as counted.
+            kd, kd_metrics = logit_losses(h_s[rows, align_student[rows, pairs]], w_s, h_t, w_t, torch.zeros_like(rows),
+                                          dataclasses.replace(loss_cfg, lm_weight=0.0), max(aligned_normalizer, 1),
+                                          self.dual_space)
+            total = total + kd
+            metrics.update({k: v for k, v in kd_metrics.items() if k != "lm"})
+        if align_mask is not None:
+            metrics["aligned_ratio"] = align_mask.sum() / normalizer  # over micro-batches and ranks: the step's
         return total, {"loss": total.detach(), **metrics}
 
     def student_hidden(self, input_ids: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ import fire
 import torch
 import torch.distributed as dist
 
+from lrc_dist.align import TeacherRetokenizer, vocab_overlap
 from lrc_dist.checkpoint import Checkpointer
 from lrc_dist.config import TrainConfig, load_config, to_dict
 from lrc_dist.data import DistributedBatches, PackedMixture, TokenSet
@@ -72,7 +73,8 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Distillat
     if m.method == "kd":
         student = build_student(m.student, cfg.seed) if m.student else student_like(
             teacher, m.lrc.student_hidden_size, cfg.seed)
-        model = KnowledgeDistillation(student, teacher)
+        overlap = vocab_overlap(m.teacher, m.student) if m.cross_tokenizer() else None
+        model = KnowledgeDistillation(student, teacher, overlap)
     else:
         model = LowRankClone(teacher, m.lrc)
         model.init_weights(cfg.seed)
@@ -101,7 +103,18 @@ def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int,
         token_set.check_teacher(vocab_size, tokenizer.parent if tokenizer.is_file() else None)
     mixture = PackedMixture(sets, d.weights or [1.0] * len(sets), d.seq_len, seed=d.seed,
                             num_samples=cfg.steps * cfg.global_batch_size)
-    return iter(DistributedBatches(mixture, cfg.micro_batch_size, rank, world_size, consumed_samples))
+    batches = iter(DistributedBatches(mixture, cfg.micro_batch_size, rank, world_size, consumed_samples))
+    if not cfg.model.cross_tokenizer():
+        return batches
+    retokenize = TeacherRetokenizer(cfg.model.student, cfg.model.teacher, d.teacher_max_len or 2 * d.seq_len)
+
+    def with_teacher_tokens(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Adds the teacher's tokens of the window's text and the aligned positions."""
+        windows = torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1)  # packed: no -100 labels
+        teacher = retokenize(windows)
+        return batch | {k: teacher[k] for k in ("teacher_input_ids", "align_student", "align_teacher", "align_mask")}
+
+    return map(with_teacher_tokens, batches)
 
 
 def all_reduce_sum(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
@@ -145,6 +158,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     vocab = model.student.args.vocab_size if isinstance(model, KnowledgeDistillation) else model.teacher_args.vocab_size
     batches = build_batches(cfg, vocab, info.rank, info.world_size, state["consumed_samples"])
+    cross_tokenizer = cfg.model.cross_tokenizer()
     tokens_per_forward = cfg.micro_batch_size * cfg.data.seq_len
     model_flops = flops_per_token(model, cfg)
     peak = peak_flops(info.device, cfg.log.peak_tflops)
@@ -158,13 +172,18 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         lr = lr_at(step, cfg)
         backend.set_lr(lr)
         micro = [next(batches) for _ in range(grad_accum)]
-        local_tokens = sum(int((m["labels"] != -100).sum()) for m in micro)
-        normalizer = all_reduce_sum({"n": torch.tensor(local_tokens)}, info.device)["n"]
+        local = {"tokens": sum((m["labels"] != -100).sum() for m in micro)}
+        if cross_tokenizer:  # the aligned KD terms are means over the step's aligned pairs
+            local["aligned"] = sum(m["align_mask"].sum() for m in micro)
+        counts = all_reduce_sum(local, info.device)
+        normalizer = counts["tokens"]
         sums: dict[str, torch.Tensor] = {}
         poisoned = False
         for m in micro:
-            loss, metrics = backend.model(m["input_ids"].to(info.device), m["labels"].to(info.device), cfg.loss,
-                                          normalizer)
+            inputs = {k: v.to(info.device) for k, v in m.items()}
+            if cross_tokenizer:
+                inputs["aligned_normalizer"] = counts["aligned"]
+            loss, metrics = backend.model(loss_cfg=cfg.loss, normalizer=normalizer, **inputs)
             finite = torch.isfinite(loss.detach()).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one rank's NaN poisons the whole step
             if finite.item() < 1:

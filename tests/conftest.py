@@ -75,7 +75,7 @@ def write_corpus(path, docs: int = 200, seed: int = 0) -> None:
             f.write(json.dumps({"text": text}) + "\n")
 
 
-def build_tokenizer(path, corpus, vocab_size: int = 300) -> None:
+def build_tokenizer(path, corpus, vocab_size: int = 300, special_tokens: tuple[str, ...] = ("<|endoftext|>",)) -> None:
     import json
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -84,7 +84,7 @@ def build_tokenizer(path, corpus, vocab_size: int = 300) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = [json.loads(line)["text"] for line in open(corpus)]
     tok.train_from_iterator(texts, trainer)
