@@ -20,6 +20,7 @@ one process with the `none` backend; a finished stage is reused when the demo is
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import math
 import random
@@ -121,14 +122,16 @@ def build_task(path: Path = TASK, items: int = 120, seed: int = 0) -> None:
 # ---- tokenizer and models --------------------------------------------------------------------------
 
 
-def train_tokenizer(corpus: Path, out: Path, vocab_size: int) -> None:
+def train_tokenizer(corpus: Path, out: Path, vocab_size: int, special_tokens: tuple[str, ...] = ("<|endoftext|>",)
+                    ) -> None:
+    """A byte-level BPE trained on the "text" of a JSON-lines corpus, saved as an HF tokenizer dir."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator((json.loads(line)["text"] for line in open(corpus, encoding="utf-8")), trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
@@ -176,7 +179,8 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
     train_docs, held_out = split(documents())
     if p["megabytes"]:  # the quick preset: a prefix of the corpus
         budget = int(p["megabytes"] * 1e6)
-        train_docs = [d for d, total in zip(train_docs, _running_sizes(train_docs)) if total <= budget]
+        sizes = itertools.accumulate(len(d.encode()) for d in train_docs)
+        train_docs = [d for d, total in zip(train_docs, sizes) if total <= budget]
         held_out = held_out[: max(4, len(held_out) // 10)]
     teacher_init = root / "teacher_init"
     if not (teacher_init / "tokenizer.json").is_file():
@@ -222,14 +226,6 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
     print(f"wrote {root / 'summary.md'}, {root / 'results.json'}" + (f", {root / 'losses.png'}" if plot else "")
           + f" in {time.perf_counter() - start:.0f} s", flush=True)
     return results
-
-
-def _running_sizes(docs: list[str]) -> list[int]:
-    total, sizes = 0, []
-    for d in docs:
-        total += len(d.encode())
-        sizes.append(total)
-    return sizes
 
 
 def _params(path: Path) -> int:

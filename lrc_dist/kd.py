@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
 from lrc_dist.losses import IGNORE_INDEX, LossConfig, head_losses, logit_losses
-from lrc_dist.model import CausalLM, DecoderLayer, ModelArgs, load_config, resized_config, weight_files
+from lrc_dist.model import CausalLM, DecoderLayer, ModelArgs, load_config, resized_config
 
 
 @torch.no_grad()
@@ -44,14 +43,13 @@ def init_causal_lm_(model: CausalLM, seed: int, std: float = 0.02) -> CausalLM:
 
 
 def build_student(path: str, seed: int) -> CausalLM:
-    """The student in checkpoint dir `path`: its weights when it has them, else a random init."""
-    try:
-        weight_files(path)
-    except ValueError:  # config only (CheckpointError): a fresh student of that shape
-        config = load_config(path)
-        student = CausalLM(ModelArgs.from_hf(config, str(Path(path) / "config.json")), config)
-        return init_causal_lm_(student.float(), seed)
-    return CausalLM.from_pretrained(path, dtype=torch.float32)
+    """The student in checkpoint dir `path`: its weights when it has any weight file, else a
+    random init. Weight files that can't be used (missing shards, .bin only) are errors."""
+    if any(Path(path).glob("model*.safetensors*")) or any(Path(path).glob("*.bin")):
+        return CausalLM.from_pretrained(path, dtype=torch.float32)
+    config = load_config(path)  # config only: a fresh student of that shape
+    student = CausalLM(ModelArgs.from_hf(config, str(Path(path) / "config.json")), config)
+    return init_causal_lm_(student.float(), seed)
 
 
 def student_like(teacher: CausalLM, hidden_size: int, seed: int) -> CausalLM:
@@ -172,15 +170,7 @@ class KnowledgeDistillation(nn.Module):
         return total, {"loss": total.detach(), **metrics}
 
     def student_hidden(self, input_ids: Tensor) -> Tensor:
-        s = self.student
-        h = s.model.embed_tokens(input_ids)
-        rope = s.rotary.tables(input_ids.shape[1], h.device, h.dtype)
-        for layer in s.model.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, rope, use_reentrant=False)
-            else:
-                h = layer(h, rope)
-        return s.model.norm(h)
+        return self.student.hidden_states(input_ids, checkpoint_layers=self.activation_checkpointing)
 
     # ---- export ----------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -277,12 +278,14 @@ class CausalLM(nn.Module):
     def lm_head_weight(self) -> Tensor:
         return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
 
-    def hidden_states(self, input_ids: Tensor) -> Tensor:
-        """Final-normed hidden states [B, T, d]."""
+    def hidden_states(self, input_ids: Tensor, checkpoint_layers: bool = False) -> Tensor:
+        """Final-normed hidden states [B, T, d]; `checkpoint_layers` recomputes each layer in
+        backward instead of keeping its activations (only when autograd records)."""
         h = self.model.embed_tokens(input_ids)
         rope = self.rotary.tables(input_ids.shape[1], h.device, h.dtype)
+        recompute = checkpoint_layers and torch.is_grad_enabled()
         for layer in self.model.layers:
-            h = layer(h, rope)
+            h = checkpoint(layer, h, rope, use_reentrant=False) if recompute else layer(h, rope)
         return self.model.norm(h)
 
     def forward(self, input_ids: Tensor) -> Tensor:

@@ -92,8 +92,10 @@ def flops_per_token(model: DistillationModel, cfg: TrainConfig) -> float:
     return kd_flops_per_token(model.student.args, teacher, cfg.data.seq_len)
 
 
-def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int, consumed_samples: int):
-    """This rank's micro-batches of the run's sample stream, from `consumed_samples` on."""
+def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int, consumed_samples: int,
+                  cross_tokenizer: bool = False):
+    """This rank's micro-batches of the run's sample stream, from `consumed_samples` on; with
+    `cross_tokenizer`, each also carries the teacher's tokens and the aligned positions."""
     d = cfg.data
     if not d.paths:
         raise ValueError("data.paths is empty: pass token-set directories written by data_prep/tokenize.py.")
@@ -104,7 +106,7 @@ def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int,
     mixture = PackedMixture(sets, d.weights or [1.0] * len(sets), d.seq_len, seed=d.seed,
                             num_samples=cfg.steps * cfg.global_batch_size)
     batches = iter(DistributedBatches(mixture, cfg.micro_batch_size, rank, world_size, consumed_samples))
-    if not cfg.model.cross_tokenizer():
+    if not cross_tokenizer:
         return batches
     retokenize = TeacherRetokenizer(cfg.model.student, cfg.model.teacher, d.teacher_max_len or 2 * d.seq_len)
 
@@ -157,8 +159,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             print(f"resumed from {latest} at step {state['step']}", flush=True)
 
     vocab = model.student.args.vocab_size if isinstance(model, KnowledgeDistillation) else model.teacher_args.vocab_size
-    batches = build_batches(cfg, vocab, info.rank, info.world_size, state["consumed_samples"])
-    cross_tokenizer = cfg.model.cross_tokenizer()
+    cross_tokenizer = isinstance(model, KnowledgeDistillation) and model.cross_tokenizer
+    batches = build_batches(cfg, vocab, info.rank, info.world_size, state["consumed_samples"], cross_tokenizer)
     tokens_per_forward = cfg.micro_batch_size * cfg.data.seq_len
     model_flops = flops_per_token(model, cfg)
     peak = peak_flops(info.device, cfg.log.peak_tflops)

@@ -76,19 +76,9 @@ def write_corpus(path, docs: int = 200, seed: int = 0) -> None:
 
 
 def build_tokenizer(path, corpus, vocab_size: int = 300, special_tokens: tuple[str, ...] = ("<|endoftext|>",)) -> None:
-    import json
+    from lrc_dist.demo import train_tokenizer
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = [json.loads(line)["text"] for line in open(corpus)]
-    tok.train_from_iterator(texts, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(path)
+    train_tokenizer(corpus, path, vocab_size, special_tokens)
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,7 @@ def test_kl_is_the_aligned_restricted_kl_of_both_models(cross_job):
     cfg = job_cfg(cross_job)
     assert cfg.model.cross_tokenizer()
     model = build_model(cfg, dtype=torch.float32)
-    batch = next(build_batches(cfg, 320, 0, 1, 0))
+    batch = next(build_batches(cfg, 320, 0, 1, 0, model.cross_tokenizer))
     t_ids, s_ids = shared_vocabulary(teacher_dir, student_dir)
     assert torch.equal(model.teacher_vocab, t_ids) and torch.equal(model.student_vocab, s_ids)
     assert 200 < len(s_ids) < 300 and (t_ids != s_ids).float().mean() > 0.9  # a true subset, other ids
@@ -120,7 +120,7 @@ def test_kl_is_the_aligned_restricted_kl_of_both_models(cross_job):
 def test_dskd_on_the_aligned_pairs_and_shared_heads(cross_job):
     cfg = job_cfg(cross_job, **{"loss.dskd_weight": 0.5, "loss.kl_weight": 0.0})
     model = build_model(cfg, dtype=torch.float32)
-    batch = next(build_batches(cfg, 320, 0, 1, 0))
+    batch = next(build_batches(cfg, 320, 0, 1, 0, model.cross_tokenizer))
     w_s, w_t = model.student.lm_head_weight[model.student_vocab], model.teacher.lm_head_weight[model.teacher_vocab]
     ideal = DualSpaceProjector(w_t.shape[1], w_s.shape[1]).ideal_init_(w_t, w_s.detach())
     assert rel_err(model.dual_space.t2s.detach(), ideal.t2s.detach()) < 1e-6  # from the restricted heads

@@ -12,7 +12,7 @@ from lrc_dist.export import export_student
 from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
 from lrc_dist.losses import LossConfig
 from lrc_dist.lrc import LowRankClone, LRCConfig
-from lrc_dist.model import CausalLM
+from lrc_dist.model import CausalLM, CheckpointError
 from test_train import run
 
 
@@ -60,6 +60,9 @@ def test_student_checkpoint_with_or_without_weights(tmp_path):
     fresh = build_student(path, seed=0)  # config only: random init, deterministic in the seed
     assert torch.equal(fresh.model.layers[0].mlp.up_proj.weight, build_student(path, seed=0).model.layers[0].mlp.up_proj.weight)
     assert fresh.model.norm.weight.eq(1).all()
+    (tmp_path / "s/model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "gone.safetensors"}}')
+    with pytest.raises(CheckpointError, match="missing: gone.safetensors"):  # never a silent random init
+        build_student(path, seed=0)
 
 
 def test_vocabulary_mismatch_is_a_clear_error(tmp_path):
