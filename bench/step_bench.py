@@ -14,6 +14,7 @@ work on a shared machine does not skew the ratio; the wall-time ratio is printed
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import sys
 import time
@@ -48,22 +49,28 @@ def random_model(shape: str, hidden: int | None = None, dtype=torch.float32, dev
     return model
 
 
-def timed(fn, device) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this thread). On a shared CPU machine the thread's CPU time
-    (with torch on one thread) is the robust measure: other tenants inflate wall time, not it."""
+def timed(fn, device) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this thread, page faults of this thread). On a shared CPU
+    machine the thread's CPU time (with torch on one thread) is the robust measure: other tenants
+    inflate wall time, not it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+    faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
     wall, cpu = time.perf_counter(), time.thread_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - wall, time.thread_time() - cpu
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    return wall, cpu, resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults
 
 
-# glibc returns large freed blocks to the OS and page-faults them back on the next step, a cost
-# that grows with the step's peak memory (LRC holds the teacher's taps). Keeping them in the
-# process is what the CUDA caching allocator does; without it the CPU ratio rises by ~0.1.
-CPU_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 25), "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
+# By default glibc serves blocks of 32 MiB and more (here the 128 MiB logit chunks of the head
+# loss) with mmap, unmaps them on free and page-faults them back in, zero-filled, on the next
+# step: ~0.1 s per step on this machine, and how many of them a step maps depends on which free
+# heap blocks happen to fit. The CUDA caching allocator keeps freed blocks; so does glibc with
+# these settings (every block from the heap, the heap never trimmed). The bench prints the page
+# faults per step: with these settings they are ~0 after warm-up.
+CPU_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
                      "MALLOC_TOP_PAD_": str(1 << 30)}
 
 
@@ -119,6 +126,7 @@ def main(shape: str = "cpu", batch: int = 2, seq: int = 2048, steps: int = 3, de
     t_lrc = statistics.median(t[clock] for t in lrc_times)
     t_dense = statistics.median(t[clock] for t in dense_times)
     wall = statistics.median(t[0] for t in lrc_times) / statistics.median(t[0] for t in dense_times)
+    faults = max(t[2] for t in lrc_times), max(t[2] for t in dense_times)
     tokens = batch * seq
     print(f"shape={shape} d_S={d_s} batch={batch} seq={seq} device={device} dtype={dtype} "
           f"threads={torch.get_num_threads()} checkpointing={checkpointing}")
@@ -126,6 +134,8 @@ def main(shape: str = "cpu", batch: int = 2, seq: int = 2048, steps: int = 3, de
     print(f"dense step {t_dense * 1e3:9.1f} ms  {tokens / t_dense:10.0f} tokens/s  (teacher fwd + student train)")
     print(f"ratio LRC/dense = {t_lrc / t_dense:.3f}  (target <= 1.10; {'thread CPU' if clock else 'wall'} time; "
           f"wall-time ratio {wall:.3f})")
+    if dev.type == "cpu":
+        print(f"page faults per step, at most: LRC {faults[0]}, dense {faults[1]}")
     peak = peak_flops(dev, None)
     if peak:
         flops = lrc_flops_per_token(lrc.teacher_args, d_s, seq, tokens)

@@ -105,8 +105,8 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
         return norm.item()
 
-    def skip_micro(self) -> None:
-        """A micro-batch with a non-finite loss: no backward."""
+    def skip_micro(self, loss: torch.Tensor) -> None:
+        """A micro-batch with a non-finite loss: no backward (`skip_step` drops the step's gradients)."""
 
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -194,14 +194,15 @@ class DeepSpeedBackend:
     def step(self) -> float:
         return float(self.engine.get_global_grad_norm() or 0.0)
 
-    def skip_micro(self) -> None:
-        # No backward, but DeepSpeed's micro-step counter must stay aligned with the trainer's:
-        # the boundary step still runs, at lr 0, so the weights do not move.
-        self.set_lr(0.0)
+    def skip_micro(self, loss: torch.Tensor) -> None:
+        # DeepSpeed's own skip: at the accumulation boundary, a non-finite gradient norm makes its
+        # optimizer drop the step (gradients cleared; weights and Adam state untouched). A NaN
+        # gradient seed guarantees one, and keeps DeepSpeed's micro-step count in line with ours.
+        self.engine.backward(loss * float("nan"), scale_wrt_gas=False)
         self.engine.step()
 
     def skip_step(self) -> None:
-        """Nothing left to undo: `skip_micro` already zeroed this step's learning rate."""
+        """Nothing left to undo: `skip_micro` made DeepSpeed discard the step."""
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -238,7 +239,7 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
         steps_per_print=10**9,
     )
     bf16 = dtype_of(cfg.model.dtype) == torch.bfloat16
-    ds["bf16"] = {"enabled": bf16}
+    ds["bf16"] = {"enabled": bf16, "check_grad_overflow": True}  # DeepSpeedBackend.skip_micro relies on it
     ds.setdefault("zero_optimization", {})
     ds["zero_force_ds_cpu_optimizer"] = False  # plain torch AdamW: no cpu_adam compile
     return ds

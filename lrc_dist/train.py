@@ -190,7 +190,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one rank's NaN poisons the whole step
             if finite.item() < 1:
                 poisoned = True
-                backend.skip_micro()
+                backend.skip_micro(loss)
                 continue
             backend.backward(loss * info.world_size)  # backends average over ranks; we want the sum
             for k, v in metrics.items():

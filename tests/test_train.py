@@ -22,14 +22,15 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MOD
        "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/lrc_dist/torch_extensions")}
 
 
-def run(job, run_dir, nproc=1, *overrides) -> list[dict]:
+def run(job, run_dir, nproc=1, *overrides, entry=("-m", "lrc_dist.train"), env=None) -> list[dict]:
     """Train the tiny job (under torchrun when nproc > 1); returns the run's metrics records."""
     teacher, tokens = job
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
         else [sys.executable]
-    cmd = [*launcher, "-m", "lrc_dist.train", TINY, f"--model.teacher={teacher}", f"--data.paths=[{tokens}]",
+    cmd = [*launcher, *entry, TINY, f"--model.teacher={teacher}", f"--data.paths=[{tokens}]",
            f"--checkpoint.dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env={**ENV, "WANDB_DIR": str(run_dir)}, capture_output=True, text=True)
+    env = {**ENV, "WANDB_DIR": str(run_dir), **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
 
@@ -88,6 +89,40 @@ def test_deepspeed_zero2_curve(reference, tiny_job, tmp_path):
                   "--parallel.deepspeed_config=ds_configs/zero2.json", "--checkpoint.export_interval=3")
     assert_same_curve(records, reference[0])
     assert (tmp_path / "export_00000003/hf/config.json").is_file()  # periodic export
+
+
+POISONED_TRAIN = """
+import os, fire
+from lrc_dist.lrc import LowRankClone
+from lrc_dist.train import main
+
+forward, calls = LowRankClone.forward, []
+
+def poisoned(self, *args, **kwargs):  # NaN loss on forward call POISON_CALL of rank POISON_RANK
+    loss, metrics = forward(self, *args, **kwargs)
+    calls.append(1)
+    hit = len(calls) == int(os.environ["POISON_CALL"]) and os.environ["RANK"] == os.environ["POISON_RANK"]
+    return (loss * float("nan"), metrics) if hit else (loss, metrics)
+
+LowRankClone.forward = poisoned
+fire.Fire(main)
+"""
+
+
+def test_deepspeed_skips_a_nan_step_like_one_process(tiny_job, tmp_path):
+    """A NaN on one rank only: every rank skips that step, and ZeRO-3 leaves weights and Adam state
+    as they were, so the rest of the curve is the one-process run's with the same step skipped."""
+    script = tmp_path / "poisoned_train.py"
+    script.write_text(POISONED_TRAIN)
+    # step 2 is forward call 3 of one process (2 micro-batches per step), call 2 of each of 2 ranks
+    want = run(tiny_job, tmp_path / "one", 1, "--parallel.backend=none", entry=(str(script),),
+               env={"POISON_CALL": "3", "POISON_RANK": "0"})
+    got = run(tiny_job, tmp_path / "ds", 2, "--parallel.backend=deepspeed", entry=(str(script),),
+              env={"POISON_CALL": "2", "POISON_RANK": "1"})
+    assert [r["skipped_step"] for r in got] == [r["skipped_step"] for r in want] == [0, 1, 0, 0, 0, 0]
+    for g, w in zip(got, want):
+        for key in ("loss", "lm", "kl", "clone", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, nan_ok=True), (g["step"], key)
 
 
 # ---- in-process: non-finite losses, schedule, checkpoint mechanics ------------------------------
