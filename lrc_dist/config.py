@@ -81,6 +81,10 @@ class ParallelConfig:
     backend: str = "fsdp"  # fsdp | deepspeed | none (one process, no sharding)
     teacher: str = "auto"  # fsdp: shard | replicate | auto (replicate when it fits in a quarter of memory)
     activation_checkpointing: bool = True  # recompute the student in backward, never the teacher
+    # LRC on several ranks: each rank generates 1/world of every W_T @ P and the ranks all-gather
+    # the result. Pays when the all-gather costs less than the matmuls it saves (fast interconnect,
+    # few tokens per forward); with gloo on one CPU machine it was 3% slower (bench/RESULTS.md).
+    shard_generation: bool = False
     deepspeed_config: str = "ds_configs/zero3.json"
     param_dtype: str = "bfloat16"  # fsdp: compute dtype of the gathered parameters
     reduce_dtype: str = "float32"  # fsdp: gradient reduction dtype

@@ -106,6 +106,9 @@ class KnowledgeDistillation(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.activation_checkpointing = enabled
 
+    def shard_generation(self, group) -> None:
+        """Nothing is generated: a KD student has weights of its own."""
+
     def shard_units(self) -> list[nn.Module]:
         teacher_layers = list(self.teacher.model.layers) if self.teacher is not None else []
         return list(self.student.model.layers) + teacher_layers

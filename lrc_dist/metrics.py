@@ -17,12 +17,15 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "H20": 148e12
                    "A800": 312e12, "L40S": 362e12, "B200": 2250e12, "GB200": 2500e12}
 
 
-def lrc_flops_per_token(args: ModelArgs, d_s: int, seq_len: int, tokens_per_forward: int) -> float:
-    """Model FLOPs of one trained token (activation recompute not counted, as MFU conventionally).
+def lrc_flops_per_token(args: ModelArgs, d_s: int, seq_len: int, tokens_per_forward: int,
+                        generation_ranks: int = 1) -> float:
+    """Model FLOPs of one trained token on one device (activation recompute not counted, as MFU
+    conventionally).
 
     = teacher forward + student forward and backward at width d_S + the projection work: generating
-    every student weight W_T @ P once per forward (and its gradient for P), and mapping embeddings
-    and the attention/FFN clone targets through P.
+    every student weight W_T @ P once per forward (and its gradient for P), split over
+    `generation_ranks` devices (`LowRankClone.shard_generation`), and mapping embeddings and the
+    attention/FFN clone targets through P.
     """
     q, kv, inter, d_t, vocab, layers = (args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim,
                                         args.intermediate_size, args.hidden_size, args.vocab_size, args.num_layers)
@@ -30,7 +33,7 @@ def lrc_flops_per_token(args: ModelArgs, d_s: int, seq_len: int, tokens_per_forw
     student = 3 * forward_flops_per_token(replace(args, hidden_size=d_s), seq_len)
     per_token_projection = 4 * d_t * d_s * (1 + 2 * layers)  # embedding, o and down clone targets: fwd + dP
     weight_generation = 4 * d_t * d_s * (layers * (2 * q + 2 * kv + 3 * inter) + vocab)  # per forward
-    return teacher + student + per_token_projection + weight_generation / tokens_per_forward
+    return teacher + student + per_token_projection + weight_generation / (tokens_per_forward * generation_ranks)
 
 
 def forward_flops_per_token(args: ModelArgs, seq_len: int) -> float:

@@ -89,6 +89,7 @@ class TorchBackend:
         model.to(info.device)
         if cfg.parallel.backend == "fsdp":
             shard_fsdp(model, cfg, info)
+            maybe_shard_generation(model, cfg, info)
         self.model = model
         self.params = trainable(model)
         self.optimizer = adamw(self.params, cfg)
@@ -146,6 +147,12 @@ def teacher_fits(model: DistillationModel, info: DistInfo) -> bool:
     return teacher_bytes < total // 4
 
 
+def maybe_shard_generation(model: DistillationModel, cfg: TrainConfig, info: DistInfo) -> None:
+    """LRC's weight generation split over the ranks (`parallel.shard_generation`)."""
+    if cfg.parallel.shard_generation and info.world_size > 1:
+        model.shard_generation(dist.group.WORLD)
+
+
 def shard_fsdp(model: DistillationModel, cfg: TrainConfig, info: DistInfo) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -183,6 +190,7 @@ class DeepSpeedBackend:
             set_z3_leaf_modules(model, list(model.leaf_module_classes))
             for weight in model.external_params():
                 deepspeed.zero.register_external_parameter(model, weight)
+        maybe_shard_generation(model, cfg, info)
         optimizer = adamw(trainable(model), cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine

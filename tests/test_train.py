@@ -61,9 +61,10 @@ def test_reference_run_learns_exports_and_logs(reference, tiny_job):
 
 
 def test_fsdp_two_ranks_and_resume_on_one_rank(reference, tiny_job, tmp_path):
-    """FSDP2 with a sharded teacher on 2 ranks, stopped at step 3, resumed on 1 rank (replicated
-    teacher): the loss curve is the single-process one throughout."""
-    first = run(tiny_job, tmp_path, 2, "--parallel.backend=fsdp", "--parallel.teacher=shard", "--stop_at=3")
+    """FSDP2 with a sharded teacher and sharded weight generation on 2 ranks, stopped at step 3,
+    resumed on 1 rank (replicated teacher): the loss curve is the single-process one throughout."""
+    first = run(tiny_job, tmp_path, 2, "--parallel.backend=fsdp", "--parallel.teacher=shard", "--stop_at=3",
+                "--parallel.shard_generation=true")
     saved = set(_dcp_keys(tmp_path / "step_00000003"))
     assert saved and not any("teacher" in k for k in saved), "teacher weights must never be checkpointed"
     resumed = run(tiny_job, tmp_path, 1, "--parallel.backend=fsdp", "--parallel.teacher=replicate")
@@ -78,7 +79,7 @@ def _dcp_keys(path):
 
 
 def test_deepspeed_zero3_curve_and_resume(reference, tiny_job, tmp_path):
-    run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed", "--stop_at=3")
+    run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed", "--stop_at=3", "--parallel.shard_generation=true")
     states = torch.load(tmp_path / "step_00000003/state/zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
     assert not any("teacher" in k for k in states["module"] or {}), "teacher weights must never be checkpointed"
     assert_same_curve(run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed"), reference[0])
