@@ -82,8 +82,9 @@ class ParallelConfig:
     teacher: str = "auto"  # fsdp: shard | replicate | auto (replicate when it fits in a quarter of memory)
     activation_checkpointing: bool = True  # recompute the student in backward, never the teacher
     # LRC on several ranks: each rank generates 1/world of every W_T @ P and the ranks all-gather
-    # the result. Pays when the all-gather costs less than the matmuls it saves (fast interconnect,
-    # few tokens per forward); with gloo on one CPU machine it was 3% slower (bench/RESULTS.md).
+    # the result (its gradient reduce-scatters in the compute dtype). Pays when the all-gathers cost
+    # less than the matmuls saved (fast interconnect, few tokens per forward); with gloo on one CPU
+    # machine it was 2-4% slower (bench/RESULTS.md).
     shard_generation: bool = False
     deepspeed_config: str = "ds_configs/zero3.json"
     param_dtype: str = "bfloat16"  # fsdp: compute dtype of the gathered parameters

@@ -106,8 +106,8 @@ class KnowledgeDistillation(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.activation_checkpointing = enabled
 
-    def shard_generation(self, group) -> None:
-        """Nothing is generated: a KD student has weights of its own."""
+    def set_generation_matmul(self, matmul, ranks: int = 1) -> None:
+        raise ValueError("parallel.shard_generation applies to LRC only: a KD student has weights of its own.")
 
     def shard_units(self) -> list[nn.Module]:
         teacher_layers = list(self.teacher.model.layers) if self.teacher is not None else []

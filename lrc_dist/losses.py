@@ -236,7 +236,7 @@ def lrc_loss(
     local = (labels != IGNORE_INDEX).sum()
     share = 1.0 if normalizer is None else local / normalizer
     head, metrics = logit_losses(
-        out.student_hidden.flatten(0, 1), model.student_head_weight(model.generation_group),
+        out.student_hidden.flatten(0, 1), model.student_head_weight(model.generation_matmul),
         out.teacher_hidden.flatten(0, 1), model.teacher_head_weight(),
         labels.flatten(), cfg, normalizer, model.dual_space,
     )

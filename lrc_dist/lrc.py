@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -75,23 +74,9 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.requires_grad_(False)
 
 
-def generate(x: Tensor, p: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
-    """x @ p; with a process `group`, each rank multiplies its 1/world of the rows and the slices
-    are all-gathered, which divides the FLOPs of weight generation by the world size.
-
-    The gather's backward reduce-scatters (sums) the gradient, so a rank's P gradient covers its
-    rows for the whole group's data; the backend's data-parallel reduction of P's gradient then
-    sums the ranks' rows. The result equals every rank generating every row from its own data.
-    """
-    if group is None:
-        return x @ p
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    rows = -(-x.shape[0] // world)
-    local = x[rank * rows : (rank + 1) * rows] @ p
-    if local.shape[0] < rows:  # the last ranks' slices may be short
-        local = F.pad(local, (0, 0, 0, rows - local.shape[0]))
-    full = funcol.all_gather_single(local, 0, group)
-    return full if full.shape[0] == x.shape[0] else full[: x.shape[0]]
+# Computes x @ p: torch.matmul, or a version that shares the rows out between ranks
+# (parallel.sharded_matmul, set by `LowRankClone.set_generation_matmul`).
+Matmul = Callable[[Tensor, Tensor], Tensor]
 
 
 class LowRankBlock(nn.Module):
@@ -107,18 +92,17 @@ class LowRankBlock(nn.Module):
         self.input_layernorm = RMSNorm(d_s, eps)
         self.post_attention_layernorm = RMSNorm(d_s, eps)
         self.activation_checkpointing = False
-        self.generation_group: dist.ProcessGroup | None = None  # see LowRankClone.shard_generation
+        self.generation_matmul: Matmul = torch.matmul  # see LowRankClone.set_generation_matmul
 
     def p(self, matrix: str) -> Tensor:
         """The projection of `matrix`, in the teacher's dtype (trainable tensors stay fp32 masters)."""
         return self.proj[self.cfg.projection_name(matrix)].to(self.teacher.input_layernorm.weight.dtype)
 
-    def student_weights(self, group: dist.ProcessGroup | None = None) -> LayerWeights:
-        """The generated weights: W_T @ P, and P^T @ W_T = (W_T^T @ P)^T for o and down; `group`
-        shares the work out (see `generate`)."""
+    def student_weights(self, matmul: Matmul = torch.matmul) -> LayerWeights:
+        """The generated weights: W_T @ P, and P^T @ W_T = (W_T^T @ P)^T for o and down."""
         t = self.teacher.weights()
-        w = {m: generate(getattr(t, m), self.p(m), group) for m in INPUT_SIDE}
-        w.update({m: generate(getattr(t, m).T, self.p(m), group).T for m in ("o", "down")})
+        w = {m: matmul(getattr(t, m), self.p(m)) for m in INPUT_SIDE}
+        w.update({m: matmul(getattr(t, m).T, self.p(m)).T for m in ("o", "down")})
         return replace(
             t, **w,
             attn_norm=self.input_layernorm.weight, mlp_norm=self.post_attention_layernorm.weight,
@@ -133,7 +117,7 @@ class LowRankBlock(nn.Module):
     def student_forward(
         self, h_s: Tensor, teacher_taps: dict[str, Tensor], rope: tuple[Tensor, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        w, args, terms = self.student_weights(self.generation_group), self.teacher.args, self.cfg.clone_terms
+        w, args, terms = self.student_weights(self.generation_matmul), self.teacher.args, self.cfg.clone_terms
         taps: dict[str, Tensor] = {}
         mix = attention_mix(rms_norm(h_s, w.attn_norm, w.eps), w, args, rope, taps)
         if self.cfg.attn_out_space == "teacher":
@@ -189,15 +173,15 @@ class LowRankClone(nn.Module):
             self.teacher_lm_head = freeze(teacher.lm_head)
             self.lm_head_proj = nn.Parameter(torch.empty(d_t, d_s))
         self.dual_space: DualSpaceProjector | None = None
-        self.generation_group: dist.ProcessGroup | None = None
+        self.generation_matmul: Matmul = torch.matmul
+        self.generation_ranks = 1  # devices sharing the generation (for the FLOP count)
 
-    def shard_generation(self, group: dist.ProcessGroup | None) -> None:
-        """Training on several ranks: each rank generates 1/world of every student weight and the
-        ranks all-gather them (`generate`). Every rank of `group` must then run the same forwards;
-        None (the default): each rank generates everything."""
-        self.generation_group = group
+    def set_generation_matmul(self, matmul: Matmul, ranks: int = 1) -> None:
+        """How the training forward generates the student weights; `ranks` devices share the work
+        (parallel.sharded_matmul). Materialising the student (`student_state_dict`) never uses it."""
+        self.generation_matmul, self.generation_ranks = matmul, ranks
         for block in self.layers:
-            block.generation_group = group
+            block.generation_matmul = matmul
 
     def enable_dual_space(self) -> None:
         """Add the DSKD projector (loss.dskd_weight), ideally initialised from the two heads: call
@@ -228,10 +212,10 @@ class LowRankClone(nn.Module):
     def teacher_head_weight(self) -> Tensor:
         return self.teacher_embed.weight if self.teacher_args.tie_word_embeddings else self.teacher_lm_head.weight
 
-    def student_head_weight(self, group: dist.ProcessGroup | None = None) -> Tensor:
+    def student_head_weight(self, matmul: Matmul = torch.matmul) -> Tensor:
         proj = self.embed_proj if self.teacher_args.tie_word_embeddings else self.lm_head_proj
         teacher = self.teacher_head_weight()
-        return generate(teacher, proj.to(teacher.dtype), group)
+        return matmul(teacher, proj.to(teacher.dtype))
 
     def forward(
         self, input_ids: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None = None

@@ -13,6 +13,7 @@ count (see losses.py), so the trainer multiplies it by the world size to undo th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -21,7 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -147,10 +150,30 @@ def teacher_fits(model: DistillationModel, info: DistInfo) -> bool:
     return teacher_bytes < total // 4
 
 
+def sharded_matmul(x: torch.Tensor, p: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """x @ p, computed 1/world of the rows per rank and all-gathered: LRC's weight generation
+    shared out (`parallel.shard_generation`), its FLOPs divided by the world size.
+
+    The gather's backward reduce-scatters (sums) the gradient, so a rank's P gradient covers its
+    rows for the whole group's data; the backend's data-parallel reduction of P's gradient then
+    sums the ranks' rows. The result equals every rank generating every row from its own data.
+    That reduce-scatter runs in the dtype of the generated weights (bf16 in bf16 training).
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    rows = -(-x.shape[0] // world)
+    local = x[rank * rows : (rank + 1) * rows] @ p
+    if local.shape[0] < rows:  # the last ranks' slices may be short
+        local = F.pad(local, (0, 0, 0, rows - local.shape[0]))
+    full = funcol.all_gather_single(local, 0, group)
+    return full if full.shape[0] == x.shape[0] else full[: x.shape[0]]
+
+
 def maybe_shard_generation(model: DistillationModel, cfg: TrainConfig, info: DistInfo) -> None:
-    """LRC's weight generation split over the ranks (`parallel.shard_generation`)."""
+    """`parallel.shard_generation`: the ranks share out LRC's weight generation, on a process group
+    of their own (every rank creates it, in the same order)."""
     if cfg.parallel.shard_generation and info.world_size > 1:
-        model.shard_generation(dist.group.WORLD)
+        group = dist.new_group()
+        model.set_generation_matmul(functools.partial(sharded_matmul, group=group), info.world_size)
 
 
 def shard_fsdp(model: DistillationModel, cfg: TrainConfig, info: DistInfo) -> None:
@@ -247,8 +270,14 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
         steps_per_print=10**9,
     )
     bf16 = dtype_of(cfg.model.dtype) == torch.bfloat16
-    ds["bf16"] = {"enabled": bf16, "check_grad_overflow": True}  # DeepSpeedBackend.skip_micro relies on it
     ds.setdefault("zero_optimization", {})
+    # DeepSpeedBackend.skip_micro relies on ZeRO's optimizer dropping a step whose gradient norm
+    # is not finite: it needs a ZeRO stage, the norm, and in bf16 the overflow check.
+    zero = ds["zero_optimization"]
+    if zero.get("stage", 0) < 1 or zero.get("compute_grad_norm") is False:
+        raise ValueError(f"{path}: lrc_dist needs zero_optimization.stage >= 1 with compute_grad_norm on, so that "
+                         f"a step with a non-finite loss can be skipped; see ds_configs/.")
+    ds["bf16"] = {"enabled": bf16, "check_grad_overflow": True}
     ds["zero_force_ds_cpu_optimizer"] = False  # plain torch AdamW: no cpu_adam compile
     return ds
 

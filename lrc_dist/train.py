@@ -86,9 +86,8 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Distillat
 def flops_per_token(model: DistillationModel, cfg: TrainConfig) -> float:
     tokens_per_forward = cfg.micro_batch_size * cfg.data.seq_len
     if isinstance(model, LowRankClone):
-        group = model.generation_group
         return lrc_flops_per_token(model.teacher_args, cfg.model.lrc.student_hidden_size, cfg.data.seq_len,
-                                   tokens_per_forward, dist.get_world_size(group) if group is not None else 1)
+                                   tokens_per_forward, model.generation_ranks)
     teacher = model.teacher.args if model.teacher is not None else None
     return kd_flops_per_token(model.student.args, teacher, cfg.data.seq_len)
 

@@ -1,7 +1,8 @@
-"""Sharded weight generation (`LowRankClone.shard_generation`) on 2 gloo ranks: each rank generates
+"""Sharded weight generation (`parallel.sharded_matmul`) on 2 gloo ranks: each rank generates
 half of every student weight, and the gradients summed over ranks equal those of one process that
 generates everything from the whole batch. This file is its own torchrun worker."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import build_checkpoint
 from lrc_dist.losses import LossConfig
-from lrc_dist.lrc import LowRankClone, LRCConfig, generate
+from lrc_dist.lrc import LowRankClone, LRCConfig
 from lrc_dist.metrics import lrc_flops_per_token
+from lrc_dist.parallel import sharded_matmul
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +34,7 @@ def check_generate(rank: int) -> None:
     g = torch.Generator().manual_seed(0)
     x, p = torch.randn(7, 5, generator=g), torch.randn(5, 3, generator=g).requires_grad_()
     upstream = torch.randn(2, 7, 3, generator=g)  # each rank's gradient of the product
-    out = generate(x, p, dist.group.WORLD)
+    out = sharded_matmul(x, p, dist.group.WORLD)
     torch.testing.assert_close(out, x @ p)
     (out * upstream[rank]).sum().backward()
     grad = p.grad.clone()
@@ -51,7 +53,7 @@ def check_model(rank: int, teacher: str) -> None:
     want = {n: p.grad.clone() for n, p in params.items()}
     model.zero_grad(set_to_none=True)
 
-    model.shard_generation(dist.group.WORLD)
+    model.set_generation_matmul(functools.partial(sharded_matmul, group=dist.group.WORLD), ranks=2)
     mine = ids[2 * rank : 2 * rank + 2]
     with FlopCounterMode(display=False) as counter:
         loss, _ = model(mine, mine, cfg, normalizer)

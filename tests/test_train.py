@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from lrc_dist.checkpoint import Checkpointer
 from lrc_dist.config import load_config
+from lrc_dist.parallel import deepspeed_config
 from lrc_dist.train import NonFiniteLossError, lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,16 +111,20 @@ fire.Fire(main)
 """
 
 
-def test_deepspeed_skips_a_nan_step_like_one_process(tiny_job, tmp_path):
-    """A NaN on one rank only: every rank skips that step, and ZeRO-3 leaves weights and Adam state
-    as they were, so the rest of the curve is the one-process run's with the same step skipped."""
+@pytest.mark.parametrize("zero, sequences, one_call, rank_call", [
+    ("zero3", 4, 3, 2),  # step 2 = call 3 of one process (2 micro-batches per step), call 2 of each rank
+    ("zero2", 8, 5, 3),  # 2 micro-batches per rank: a finite one follows the NaN one before the boundary
+])
+def test_deepspeed_skips_a_nan_step_like_one_process(tiny_job, tmp_path, zero, sequences, one_call, rank_call):
+    """A NaN on one rank only: every rank skips that step, and ZeRO leaves weights and Adam state as
+    they were, so the rest of the curve is the one-process run's with the same step skipped."""
     script = tmp_path / "poisoned_train.py"
     script.write_text(POISONED_TRAIN)
-    # step 2 is forward call 3 of one process (2 micro-batches per step), call 2 of each of 2 ranks
-    want = run(tiny_job, tmp_path / "one", 1, "--parallel.backend=none", entry=(str(script),),
-               env={"POISON_CALL": "3", "POISON_RANK": "0"})
-    got = run(tiny_job, tmp_path / "ds", 2, "--parallel.backend=deepspeed", entry=(str(script),),
-              env={"POISON_CALL": "2", "POISON_RANK": "1"})
+    batch = f"--global_batch_size={sequences}"
+    want = run(tiny_job, tmp_path / "one", 1, "--parallel.backend=none", batch, entry=(str(script),),
+               env={"POISON_CALL": str(one_call), "POISON_RANK": "0"})
+    got = run(tiny_job, tmp_path / "ds", 2, "--parallel.backend=deepspeed", f"--parallel.deepspeed_config=ds_configs/{zero}.json",
+              batch, entry=(str(script),), env={"POISON_CALL": str(rank_call), "POISON_RANK": "1"})
     assert [r["skipped_step"] for r in got] == [r["skipped_step"] for r in want] == [0, 1, 0, 0, 0, 0]
     for g, w in zip(got, want):
         for key in ("loss", "lm", "kl", "clone", "grad_norm"):
@@ -211,6 +216,9 @@ def test_config_errors(tiny_job, tmp_path):
         tiny_cfg(tiny_job, tmp_path, **{"optim.lrr": 1})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config("configs/nope.yaml")
+    (tmp_path / "zero0.json").write_text('{"zero_optimization": {"stage": 0}}')
+    with pytest.raises(ValueError, match="needs zero_optimization.stage >= 1"):
+        deepspeed_config(tiny_cfg(tiny_job, tmp_path, **{"parallel.deepspeed_config": str(tmp_path / "zero0.json")}), 1)
 
 
 # ---- Slurm launchers -----------------------------------------------------------------------------
