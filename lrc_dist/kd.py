@@ -25,6 +25,7 @@ from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
 from lrc_dist.losses import IGNORE_INDEX, LossConfig, head_losses, logit_losses
+from lrc_dist.metrics import kd_flops_per_token
 from lrc_dist.model import CausalLM, DecoderLayer, ModelArgs, load_config, resized_config
 
 
@@ -102,6 +103,15 @@ class KnowledgeDistillation(nn.Module):
         self.dual_space = DualSpaceProjector(w_t.shape[1], w_s.shape[1]).ideal_init_(w_t, w_s.detach())
 
     # ---- what the trainer and the backends use ---------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """The vocabulary of the input tokens: the student's."""
+        return self.student.args.vocab_size
+
+    def flops_per_token(self, seq_len: int, tokens_per_forward: int) -> float:
+        """Student forward and backward, plus the teacher's forward (metrics.kd_flops_per_token)."""
+        return kd_flops_per_token(self.student.args, self.teacher.args if self.teacher is not None else None, seq_len)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.activation_checkpointing = enabled

@@ -23,6 +23,7 @@ from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
 from lrc_dist.losses import LossConfig, LRCOutput, lrc_loss
+from lrc_dist.metrics import lrc_flops_per_token
 from lrc_dist.model import (
     CausalLM,
     CheckpointError,
@@ -152,6 +153,7 @@ class LowRankClone(nn.Module):
 
     # A block reads its teacher weights directly (W_T @ P): ZeRO-3 must gather it as a whole.
     leaf_module_classes = (LowRankBlock,)
+    cross_tokenizer = False  # the student inherits the teacher's vocabulary
 
     def __init__(self, teacher: CausalLM, cfg: LRCConfig):
         super().__init__()
@@ -244,6 +246,16 @@ class LowRankClone(nn.Module):
         return LRCOutput(h_t, self.norm(h_s), clone)
 
     # ---- what the trainer and the backends use ---------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """The vocabulary of the input tokens."""
+        return self.teacher_args.vocab_size
+
+    def flops_per_token(self, seq_len: int, tokens_per_forward: int) -> float:
+        """Model FLOPs of one trained token on one device (metrics.lrc_flops_per_token)."""
+        return lrc_flops_per_token(self.teacher_args, self.cfg.student_hidden_size, seq_len, tokens_per_forward,
+                                   self.generation_ranks)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         for block in self.layers:

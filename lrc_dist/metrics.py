@@ -24,7 +24,7 @@ def lrc_flops_per_token(args: ModelArgs, d_s: int, seq_len: int, tokens_per_forw
 
     = teacher forward + student forward and backward at width d_S + the projection work: generating
     every student weight W_T @ P once per forward (and its gradient for P), split over
-    `generation_ranks` devices (`LowRankClone.shard_generation`), and mapping embeddings and the
+    `generation_ranks` devices (`LowRankClone.set_generation_matmul`), and mapping embeddings and the
     attention/FFN clone targets through P.
     """
     q, kv, inter, d_t, vocab, layers = (args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim,

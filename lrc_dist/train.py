@@ -26,7 +26,7 @@ from lrc_dist.data import DistributedBatches, PackedMixture, TokenSet
 from lrc_dist.export import export_student
 from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
 from lrc_dist.lrc import LowRankClone, save_lrc
-from lrc_dist.metrics import MetricsLogger, kd_flops_per_token, lrc_flops_per_token, memory_gb, peak_flops
+from lrc_dist.metrics import MetricsLogger, memory_gb, peak_flops
 from lrc_dist.model import CausalLM
 from lrc_dist.parallel import DistillationModel, DistInfo, build_backend, dtype_of, init_distributed
 
@@ -81,15 +81,6 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Distillat
     if cfg.loss.dskd_weight:
         model.enable_dual_space()
     return model
-
-
-def flops_per_token(model: DistillationModel, cfg: TrainConfig) -> float:
-    tokens_per_forward = cfg.micro_batch_size * cfg.data.seq_len
-    if isinstance(model, LowRankClone):
-        return lrc_flops_per_token(model.teacher_args, cfg.model.lrc.student_hidden_size, cfg.data.seq_len,
-                                   tokens_per_forward, model.generation_ranks)
-    teacher = model.teacher.args if model.teacher is not None else None
-    return kd_flops_per_token(model.student.args, teacher, cfg.data.seq_len)
 
 
 def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int, consumed_samples: int,
@@ -158,11 +149,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         if info.is_main:
             print(f"resumed from {latest} at step {state['step']}", flush=True)
 
-    vocab = model.student.args.vocab_size if isinstance(model, KnowledgeDistillation) else model.teacher_args.vocab_size
-    cross_tokenizer = isinstance(model, KnowledgeDistillation) and model.cross_tokenizer
-    batches = build_batches(cfg, vocab, info.rank, info.world_size, state["consumed_samples"], cross_tokenizer)
+    cross_tokenizer = model.cross_tokenizer
+    batches = build_batches(cfg, model.vocab_size, info.rank, info.world_size, state["consumed_samples"],
+                            cross_tokenizer)
     tokens_per_forward = cfg.micro_batch_size * cfg.data.seq_len
-    model_flops = flops_per_token(model, cfg)
+    model_flops = model.flops_per_token(cfg.data.seq_len, tokens_per_forward)
     peak = peak_flops(info.device, cfg.log.peak_tflops)
     logger = MetricsLogger(run_dir, info.is_main, cfg.log.wandb_project, cfg.log.wandb_mode, cfg.log.run_name,
                            to_dict(cfg))

@@ -58,6 +58,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def assert_same_curve(got: list[dict], want: list[dict], keys: tuple[str, ...], **approx) -> None:
+    """Two runs' metrics records: the same steps, and every key equal at each (pytest.approx,
+    rel=1e-5 unless `approx` says otherwise)."""
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        for key in keys:
+            assert g[key] == pytest.approx(w[key], **{"rel": 1e-5, **approx}), (g["step"], key)
+
+
 # ---- a tiny but real training job: tokenizer, teacher and token set, all built offline ----------
 
 WORDS = ("the model learns small students from large teachers while tokens flow through layers of "

@@ -10,8 +10,9 @@ import numpy as np
 import pydoc_data.topics
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from conftest import build_tokenizer
 from lrc_dist.align import (
     ByteVocab,
     TeacherRetokenizer,
@@ -19,6 +20,7 @@ from lrc_dist.align import (
     exact_token_alignment,
     vocab_overlap,
 )
+from lrc_dist.demo import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2 = ROOT / "assets" / "tokenizers" / "gpt2"
@@ -93,16 +95,8 @@ def spaces_bpe(tmp_path_factory):
     """A real byte-level BPE trained on Python's docs: unlike GPT-2 and Whisper it merges runs of
     whitespace ("ĊĊĠĠ", "ĠĠĠĠ"), as SentencePiece and newer BPE vocabularies do."""
     path = tmp_path_factory.mktemp("spaces_bpe")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(ENGLISH, trainer)
-    tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    write_jsonl(path / "corpus.jsonl", ENGLISH)
+    build_tokenizer(path, path / "corpus.jsonl", 1000)
     vocab = ByteVocab.load(path)
     assert vocab.tokenizer.token_to_id("ĠĠĠĠ") is not None
     return vocab

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from conftest import build_checkpoint, build_tokenizer, rel_err, write_corpus
+from conftest import assert_same_curve, build_checkpoint, build_tokenizer, rel_err, write_corpus
 from lrc_dist.align import TeacherRetokenizer
 from lrc_dist.config import load_config
 from lrc_dist.dskd import DualSpaceProjector, dskd_losses
@@ -177,9 +177,7 @@ def test_reference_run_learns_and_exports_the_students_tokenizer(cross_job, cros
 @pytest.mark.parametrize("backend, micro_batch", [("fsdp", 1), ("deepspeed", 2)])
 def test_backends_match_one_process(cross_job, cross_reference, tmp_path, backend, micro_batch):
     records = cross_run(cross_job, tmp_path, 2, f"--parallel.backend={backend}", f"--micro_batch_size={micro_batch}")
-    for got, want in zip(records, cross_reference[0], strict=True):
-        for key in CROSS_KEYS:
-            assert got[key] == pytest.approx(want[key], rel=1e-5), (got["step"], key)
+    assert_same_curve(records, cross_reference[0], CROSS_KEYS)
 
 
 def test_dskd_run(cross_job, tmp_path):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from conftest import build_checkpoint, rel_err
+from conftest import assert_same_curve, build_checkpoint, rel_err
 from lrc_dist.export import export_student
 from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
 from lrc_dist.losses import LossConfig
@@ -84,8 +84,6 @@ def kd_reference(tiny_job, tmp_path_factory):
 def test_kd_trainer_backends_match_one_process(kd_reference, tiny_job, tmp_path, backend):
     assert kd_reference[-1]["loss"] < kd_reference[0]["loss"] and kd_reference[0]["kl"] > 0
     records = run(tiny_job, tmp_path, 2, "--model.method=kd", f"--parallel.backend={backend}")
-    for got, want in zip(records, kd_reference, strict=True):
-        for key in KD_KEYS:
-            assert got[key] == pytest.approx(want[key], rel=1e-5), (got["step"], key)
+    assert_same_curve(records, kd_reference, KD_KEYS)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export_00000006/hf")
     assert hf.config.hidden_size == 32 and (tmp_path / "export_00000006/hf/tokenizer.json").is_file()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import assert_same_curve
 from lrc_dist.checkpoint import Checkpointer
 from lrc_dist.config import load_config
 from lrc_dist.parallel import deepspeed_config
@@ -36,11 +37,7 @@ def run(job, run_dir, nproc=1, *overrides, entry=("-m", "lrc_dist.train"), env=N
     return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
 
 
-def assert_same_curve(got: list[dict], want: list[dict]) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for g, w in zip(got, want):
-        for key in ("loss", "lm", "kl", "clone", "clone/ffn_out", "grad_norm"):
-            assert g[key] == pytest.approx(w[key], rel=1e-5), (g["step"], key)
+CURVE_KEYS = ("loss", "lm", "kl", "clone", "clone/ffn_out", "grad_norm")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +66,7 @@ def test_fsdp_two_ranks_and_resume_on_one_rank(reference, tiny_job, tmp_path):
     saved = set(_dcp_keys(tmp_path / "step_00000003"))
     assert saved and not any("teacher" in k for k in saved), "teacher weights must never be checkpointed"
     resumed = run(tiny_job, tmp_path, 1, "--parallel.backend=fsdp", "--parallel.teacher=replicate")
-    assert_same_curve(resumed, reference[0])
+    assert_same_curve(resumed, reference[0], CURVE_KEYS)
     assert len(first) == 3
 
 
@@ -83,13 +80,13 @@ def test_deepspeed_zero3_curve_and_resume(reference, tiny_job, tmp_path):
     run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed", "--stop_at=3", "--parallel.shard_generation=true")
     states = torch.load(tmp_path / "step_00000003/state/zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
     assert not any("teacher" in k for k in states["module"] or {}), "teacher weights must never be checkpointed"
-    assert_same_curve(run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed"), reference[0])
+    assert_same_curve(run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed"), reference[0], CURVE_KEYS)
 
 
 def test_deepspeed_zero2_curve(reference, tiny_job, tmp_path):
     records = run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed",
                   "--parallel.deepspeed_config=ds_configs/zero2.json", "--checkpoint.export_interval=3")
-    assert_same_curve(records, reference[0])
+    assert_same_curve(records, reference[0], CURVE_KEYS)
     assert (tmp_path / "export_00000003/hf/config.json").is_file()  # periodic export
 
 
@@ -126,9 +123,7 @@ def test_deepspeed_skips_a_nan_step_like_one_process(tiny_job, tmp_path, zero, s
     got = run(tiny_job, tmp_path / "ds", 2, "--parallel.backend=deepspeed", f"--parallel.deepspeed_config=ds_configs/{zero}.json",
               batch, entry=(str(script),), env={"POISON_CALL": str(rank_call), "POISON_RANK": "1"})
     assert [r["skipped_step"] for r in got] == [r["skipped_step"] for r in want] == [0, 1, 0, 0, 0, 0]
-    for g, w in zip(got, want):
-        for key in ("loss", "lm", "kl", "clone", "grad_norm"):
-            assert g[key] == pytest.approx(w[key], rel=1e-5, nan_ok=True), (g["step"], key)
+    assert_same_curve(got, want, ("loss", "lm", "kl", "clone", "grad_norm"), nan_ok=True)
 
 
 # ---- in-process: non-finite losses, schedule, checkpoint mechanics ------------------------------
