@@ -95,9 +95,14 @@ class ParallelConfig:
 class CheckpointConfig:
     dir: str = "runs/lrc"
     interval: int = 500  # steps between checkpoints (and one at the end)
+    interval_minutes: float | None = None  # also checkpoint when this much time passed since the last one
     keep: int = 2  # newest checkpoints kept
     export_interval: int = 0  # steps between HF exports of the student; 0: at the end only
     resume: bool = True  # continue from dir/latest when it exists
+    # config keys (or sections, e.g. model.lrc) that may differ from the checkpoint's at this resume,
+    # beyond those that may always change (RESUME_MAY_CHANGE), e.g. [model.teacher] after a move
+    allow_changes: list[str] = field(default_factory=list)
+    lock_stale_minutes: float = 10.0  # a run-dir lock of another host not refreshed for this long is stale
 
 
 @dataclass
@@ -123,7 +128,10 @@ class TrainConfig:
     micro_batch_size: int = 1  # sequences per device per forward
     global_batch_size: int = 16  # sequences per optimizer step (tokens/step = this * seq_len)
     seed: int = 0
-    max_bad_steps: int = 5  # consecutive non-finite steps before the run aborts
+    max_bad_steps: int = 5  # consecutive bad steps (non-finite or spiking loss) before the run aborts
+    # skip a step whose loss exceeds this many times the mean loss of the last SPIKE_WINDOW good
+    # steps (counted as a bad step); None: off
+    loss_spike_factor: float | None = None
     device: str = "auto"  # auto | cpu | cuda
 
 
@@ -177,3 +185,38 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Train
     for key, value in (overrides or {}).items():
         set_dotted(tree, key, value)
     return build(TrainConfig, tree)
+
+
+# Keys a resume may change freely: the run's length, logging, checkpointing, and how the same
+# computation is laid out on the devices (the curve is the same to rounding).
+RESUME_MAY_CHANGE = ("steps", "stop_at", "max_bad_steps", "loss_spike_factor", "device", "micro_batch_size",
+                     "log", "checkpoint", "data.verify", "parallel.activation_checkpointing", "parallel.teacher",
+                     "parallel.shard_generation", "parallel.param_dtype", "parallel.reduce_dtype")
+DCP_BACKENDS = ("fsdp", "none")  # one checkpoint format: either resumes the other
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and tuples compare alike."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The keys whose value differs from the checkpoint's config and may not change at a resume,
+    as "key: saved -> now" lines."""
+    old, new = flatten(saved), flatten(to_dict(cfg))
+    allowed = (*RESUME_MAY_CHANGE, *cfg.checkpoint.allow_changes)
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b or any(key == k or key.startswith(k + ".") for k in (k.rstrip(".") for k in allowed)):
+            continue
+        if key == "parallel.backend" and a in DCP_BACKENDS and b in DCP_BACKENDS:
+            continue
+        changes.append(f"{key}: {a!r} -> {b!r}")
+    return changes

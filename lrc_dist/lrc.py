@@ -165,6 +165,7 @@ class LowRankClone(nn.Module):
         self.teacher_args = args
         self.hf_config = teacher.hf_config
         self.eps = args.rms_norm_eps if cfg.rms_norm_eps is None else cfg.rms_norm_eps
+        self.student_hf_config()  # a width transformers cannot export fails now, not after training
         self.rotary = teacher.rotary
         self.teacher_embed = freeze(teacher.model.embed_tokens)
         self.embed_proj = nn.Parameter(torch.empty(d_t, d_s))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import resource
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from lrc_dist.checkpoint import write_atomic
 from lrc_dist.model import ModelArgs
 
 # Dense bf16 tensor-core peak per device, by substring of torch.cuda.get_device_name().
@@ -66,21 +68,36 @@ def memory_gb(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    """Writes on rank 0 only: a console line, `metrics.jsonl` under the run dir, and wandb if set."""
+    """Writes on rank 0 only: a console line, `metrics.jsonl` under the run dir, and wandb if set.
+
+    A run resumed at step N continues both: `metrics.jsonl` first drops the records after step N
+    (those of steps lost in a crash, which the resumed run logs again), and wandb continues the
+    run whose id is kept in RUN_DIR/wandb_run_id."""
 
     def __init__(self, run_dir: str | Path, is_main: bool, wandb_project: str | None, wandb_mode: str,
-                 run_name: str | None, config: dict):
+                 run_name: str | None, config: dict, resume_step: int = 0):
         self.is_main, self.wandb = is_main, None
         if not is_main:
             return
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "metrics.jsonl"
+        kept = [line for line in (path.read_text().splitlines() if path.is_file() else [])
+                if line.strip() and _step_of(line) <= resume_step]
+        write_atomic(path, "".join(line + "\n" for line in kept))
+        self.jsonl = open(path, "a")
         if wandb_project and wandb_mode != "disabled":
             import wandb
 
+            id_file = run_dir / "wandb_run_id"
+            if resume_step and id_file.is_file():
+                run_id = id_file.read_text().strip()
+            else:
+                run_id = uuid.uuid4().hex[:8]  # wandb's own id form: 8 of [a-z0-9]
+                write_atomic(id_file, run_id)
             os.environ.setdefault("WANDB_DIR", str(run_dir))
             self.wandb = wandb.init(project=wandb_project, name=run_name, mode=wandb_mode, config=config,
-                                    dir=str(run_dir), resume="allow")
+                                    dir=str(run_dir), id=run_id, resume="allow")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:
@@ -99,3 +116,10 @@ class MetricsLogger:
             self.jsonl.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")  # a line torn by a crash: dropped

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -24,6 +25,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # Rope types whose frequencies are fixed at load time; "dynamic"/"longrope" change with the length.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+INVALID_CONFIG = (ValueError, TypeError, StrictDataclassError)  # what transformers' config validation raises
 
 
 class CheckpointError(ValueError):
@@ -304,11 +306,33 @@ class CausalLM(nn.Module):
 
 def resized_config(config: PretrainedConfig, hidden_size: int, head_dim: int, rms_norm_eps: float,
                    tie_word_embeddings: bool) -> PretrainedConfig:
-    """`config` at another width; head_dim is explicit since it no longer equals hidden / heads."""
-    config = copy.deepcopy(config)
-    config.hidden_size, config.head_dim = hidden_size, head_dim
-    config.rms_norm_eps, config.tie_word_embeddings = rms_norm_eps, tie_word_embeddings
-    return config
+    """`config` at another width; head_dim is explicit since it no longer equals hidden / heads.
+    A width that transformers' config class rejects (Llama: not a multiple of the head count) is a
+    ValueError naming the nearest widths it accepts, so that no run trains a student it cannot export."""
+
+    def resized(width: int) -> PretrainedConfig:
+        new = copy.deepcopy(config)
+        new.hidden_size, new.head_dim = width, head_dim
+        new.rms_norm_eps, new.tie_word_embeddings = rms_norm_eps, tie_word_embeddings
+        new.validate()
+        return new
+
+    try:
+        return resized(hidden_size)
+    except INVALID_CONFIG as e:
+        reason = str(e).strip().splitlines()[-1].strip()
+
+    def accepted(width: int) -> bool:
+        try:
+            return bool(resized(width))
+        except INVALID_CONFIG:
+            return False
+
+    below = next((w for w in range(hidden_size - 1, 0, -1) if accepted(w)), None)
+    above = next((w for w in range(hidden_size + 1, config.hidden_size + 1) if accepted(w)), None)
+    near = " or ".join(str(w) for w in (below, above) if w is not None) or "none"
+    raise ValueError(f"student width {hidden_size} (lrc.student_hidden_size): transformers' {type(config).__name__} "
+                     f"rejects it ({reason}), so the student could not be exported; nearest widths that work: {near}.")
 
 
 # ---- loading local checkpoints ------------------------------------------------------------------

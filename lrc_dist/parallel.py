@@ -28,11 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from lrc_dist.build import DistillationModel, dtype_of
 from lrc_dist.config import TrainConfig
-from lrc_dist.kd import KnowledgeDistillation
-from lrc_dist.lrc import LowRankClone
-
-DistillationModel = LowRankClone | KnowledgeDistillation
 
 
 @dataclass
@@ -65,13 +62,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
-
-
-def dtype_of(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{name!r} is not a torch dtype; use bfloat16, float16 or float32.")
-    return dtype
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -6,12 +6,18 @@ loop -> checkpoint/export.
 
 One optimizer step consumes `global_batch_size` sequences: `micro_batch_size` per rank per forward,
 accumulated `global_batch_size / (micro_batch_size * world_size)` times. Losses are normalised by
-the step's global count of labelled tokens, so any world size gives the same step.
+the step's global count of labelled tokens, so any world size gives the same step. Step N is the
+N-th optimizer step; its metrics record and its checkpoint `step_N` hold the state after it.
+
+On a cluster (lrc_dist.cluster): rank 0 locks the run dir; SIGTERM/SIGUSR1/SIGINT stop every rank
+at the next step boundary with a checkpoint (exit 75); a bad-step streak never writes checkpoints.
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -19,20 +25,26 @@ import fire
 import torch
 import torch.distributed as dist
 
-from lrc_dist.align import TeacherRetokenizer, vocab_overlap
-from lrc_dist.checkpoint import Checkpointer
-from lrc_dist.config import TrainConfig, load_config, to_dict
+from lrc_dist.align import TeacherRetokenizer
+from lrc_dist.build import build_model
+from lrc_dist.checkpoint import Checkpointer, read_train_state
+from lrc_dist.cluster import EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEMPTED, RunDirLocked, StopSignals, \
+    die_with_launcher, lock_run_dir
+from lrc_dist.config import TrainConfig, load_config, resume_changes, to_dict
 from lrc_dist.data import DistributedBatches, PackedMixture, TokenSet
-from lrc_dist.export import export_student
-from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
-from lrc_dist.lrc import LowRankClone, save_lrc
+from lrc_dist.export import export_run
 from lrc_dist.metrics import MetricsLogger, memory_gb, peak_flops
-from lrc_dist.model import CausalLM
-from lrc_dist.parallel import DistillationModel, DistInfo, build_backend, dtype_of, init_distributed
+from lrc_dist.parallel import DistInfo, build_backend, init_distributed
+
+SPIKE_WINDOW, SPIKE_WARMUP = 50, 10  # loss-spike guard: mean over the last 50 good steps, from the 10th on
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """`max_bad_steps` bad steps (non-finite or spiking loss) in a row: the run diverged."""
+
+
+class Preempted(RuntimeError):
+    """A stop signal ended the run at a step boundary, after its checkpoint."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -57,30 +69,6 @@ def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
         raise ValueError(f"global_batch_size={cfg.global_batch_size} must be a multiple of micro_batch_size * "
                          f"world_size = {cfg.micro_batch_size} * {world_size}.")
     return cfg.global_batch_size // per_pass
-
-
-def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> DistillationModel:
-    """The model of `cfg.model.method`, initialised identically on every rank (same seed)."""
-    m = cfg.model
-    dtype = dtype or dtype_of(m.dtype)
-    if m.method == "lm":
-        if not m.student:
-            raise ValueError("model.method=lm trains model.student: pass a checkpoint dir with its config.json.")
-        return KnowledgeDistillation(build_student(m.student, cfg.seed))
-    if not m.teacher:
-        raise ValueError("model.teacher is not set: pass the directory of a local Hugging Face checkpoint.")
-    teacher = CausalLM.from_pretrained(m.teacher, dtype=dtype)
-    if m.method == "kd":
-        student = build_student(m.student, cfg.seed) if m.student else student_like(
-            teacher, m.lrc.student_hidden_size, cfg.seed)
-        overlap = vocab_overlap(m.teacher, m.student) if m.cross_tokenizer() else None
-        model = KnowledgeDistillation(student, teacher, overlap)
-    else:
-        model = LowRankClone(teacher, m.lrc)
-        model.init_weights(cfg.seed)
-    if cfg.loss.dskd_weight:
-        model.enable_dual_space()
-    return model
 
 
 def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int, consumed_samples: int,
@@ -112,42 +100,73 @@ def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int,
 
 def all_reduce_sum(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
     keys = sorted(values)
-    packed = torch.stack([values[k].float().to(device) for k in keys])
+    packed = torch.stack([torch.as_tensor(values[k]).float().to(device) for k in keys])
     dist.all_reduce(packed)
     return dict(zip(keys, packed.tolist()))
 
 
-def export_to(path: Path, backend, cfg: TrainConfig, info: DistInfo) -> None:
-    """Save the trainable state (save_lrc format) and the HF student under `path` (rank 0 writes)."""
-    state = backend.full_trainable_state()  # collective: every rank takes part
+def check_resume(saved: dict, path: Path, cfg: TrainConfig, info: DistInfo) -> None:
+    """Refuse, before any heavy work, a resume that would not continue the checkpoint's run."""
+    changes = resume_changes(saved.get("config", {}), cfg)
+    if changes:
+        raise ValueError(
+            f"{path} was written with another config; changed: {'; '.join(changes)}. Resume with the checkpoint's "
+            f"values, train in another checkpoint.dir, or allow these changes with "
+            f"--checkpoint.allow_changes=[{','.join(c.split(':')[0] for c in changes)}] (steps, stop_at, log.*, "
+            f"checkpoint.* and the device layout may always change; see config.RESUME_MAY_CHANGE).")
+    written = saved.get("world_size", info.world_size)
+    if cfg.parallel.backend == "deepspeed" and written != info.world_size:
+        raise ValueError(
+            f"{path} is a DeepSpeed ZeRO checkpoint of {written} ranks and this run has {info.world_size}: ZeRO's "
+            f"optimizer shards only load on the world size that wrote them. Resume on {written} ranks (the DCP "
+            f"checkpoints of parallel.backend=fsdp reshard to any world size).")
+
+
+def export_due(step: int, cfg: TrainConfig) -> bool:
+    interval = cfg.checkpoint.export_interval
+    return step == cfg.steps or bool(interval and step % interval == 0)
+
+
+def export_to(path: Path, backend, cfg: TrainConfig, info: DistInfo, state: dict, metrics: dict) -> None:
+    """The HF student (`path/hf`, with a model card) and LRC's trainable state (`path/lrc`); atomic,
+    rank 0 writes. Collective: every rank takes part in gathering the state."""
+    tensors = backend.full_trainable_state()
     if info.is_main:
-        model = build_model(cfg, dtype=torch.float32)
-        missing = set(model.trainable_state_dict()) - set(state)
-        if missing:
-            raise RuntimeError(f"export: the gathered state lacks {sorted(missing)[:5]}")
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-        if isinstance(model, LowRankClone):
-            save_lrc(model, path / "lrc", cfg.model.teacher)
-        export_student(model, path / "hf", cfg.model.tokenizer_dir(), dtype=dtype_of(cfg.model.dtype))
+        summary = {"method": cfg.model.method, "step": state["step"], "steps": cfg.steps, "metrics": metrics,
+                   "tokens": state["consumed_samples"] * cfg.data.seq_len}
+        export_run(cfg, tensors, path, summary)
         print(f"exported student to {path / 'hf'}", flush=True)
     dist.barrier()
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
+    """Run (or resume) the training job of `cfg`; returns the last logged metrics. Raises Preempted
+    when a stop signal ended it early (with a checkpoint), NonFiniteLossError when it diverged."""
     info = init_distributed(cfg.device)
+    die_with_launcher()
+    with StopSignals() as stop, lock_run_dir(cfg.checkpoint.dir, info, cfg.checkpoint.lock_stale_minutes * 60):
+        return _train(cfg, info, stop)
+
+
+def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     grad_accum = grad_accum_steps(cfg, info.world_size)
     run_dir = Path(cfg.checkpoint.dir)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, info.is_main)
+    resume_from = checkpointer.resumable() if cfg.checkpoint.resume else None
+    if resume_from is not None:
+        check_resume(read_train_state(resume_from), resume_from, cfg, info)
 
     model = build_model(cfg)
     backend = build_backend(model, cfg, info, grad_accum)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, info.is_main)
-    state = {"step": 0, "consumed_samples": 0, "bad_steps": 0}
-    latest = checkpointer.latest() if cfg.checkpoint.resume else None
-    if latest is not None:
-        state = {k: v for k, v in checkpointer.load(latest, backend).items() if k in state}
+    state = {"step": 0, "consumed_samples": 0, "bad_steps": 0, "recent_losses": []}
+    history: dict[str, float] = {}
+    if resume_from is not None:
+        saved = checkpointer.load(resume_from, backend)
+        state = {k: saved.get(k, v) for k, v in state.items()}
+        history = saved.get("metrics") or {}
         if info.is_main:
-            print(f"resumed from {latest} at step {state['step']}", flush=True)
+            print(f"resumed from {resume_from} after step {state['step']}", flush=True)
 
     cross_tokenizer = model.cross_tokenizer
     batches = build_batches(cfg, model.vocab_size, info.rank, info.world_size, state["consumed_samples"],
@@ -156,80 +175,128 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     model_flops = model.flops_per_token(cfg.data.seq_len, tokens_per_forward)
     peak = peak_flops(info.device, cfg.log.peak_tflops)
     logger = MetricsLogger(run_dir, info.is_main, cfg.log.wandb_project, cfg.log.wandb_mode, cfg.log.run_name,
-                           to_dict(cfg))
-    history: dict[str, float] = {}
-    tick, tokens_since = time.perf_counter(), 0
+                           to_dict(cfg), resume_step=state["step"])
+    export_path = run_dir / f"export_{state['step']:08d}"
+    if resume_from is not None and export_due(state["step"], cfg) and not export_path.is_dir():
+        export_to(export_path, backend, cfg, info, state, history)  # killed during (or before) it: redo
+    tick, tokens_since, saved_at = time.perf_counter(), 0, time.monotonic()
     last = min(cfg.steps, cfg.stop_at or cfg.steps)
     while state["step"] < last:
-        step = state["step"]
-        lr = lr_at(step, cfg)
+        step = state["step"] + 1  # the step being taken
+        lr = lr_at(step - 1, cfg)
         backend.set_lr(lr)
         micro = [next(batches) for _ in range(grad_accum)]
-        local = {"tokens": sum((m["labels"] != -100).sum() for m in micro)}
-        if cross_tokenizer:  # the aligned KD terms are means over the step's aligned pairs
-            local["aligned"] = sum(m["align_mask"].sum() for m in micro)
-        counts = all_reduce_sum(local, info.device)
-        normalizer = counts["tokens"]
-        sums: dict[str, torch.Tensor] = {}
-        poisoned = False
-        for m in micro:
-            inputs = {k: v.to(info.device) for k, v in m.items()}
-            if cross_tokenizer:
-                inputs["aligned_normalizer"] = counts["aligned"]
-            loss, metrics = backend.model(loss_cfg=cfg.loss, normalizer=normalizer, **inputs)
-            finite = torch.isfinite(loss.detach()).float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one rank's NaN poisons the whole step
-            if finite.item() < 1:
-                poisoned = True
-                backend.skip_micro(loss)
-                continue
-            backend.backward(loss * info.world_size)  # backends average over ranks; we want the sum
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-        if poisoned:
-            backend.skip_step()
-            state["bad_steps"] += 1
-            if info.is_main:
-                print(f"step {step}: non-finite loss, step skipped ({state['bad_steps']} in a row)", flush=True)
-            if state["bad_steps"] >= cfg.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{state['bad_steps']} consecutive steps had a non-finite loss (last: step {step}); aborting. "
-                    f"Lower optim.lr, check the data for corrupt samples, or resume from {checkpointer.latest()}."
-                )
-            grad_norm = float("nan")
-        else:
-            grad_norm = backend.step()
-            state["bad_steps"] = 0
-        state["step"] += 1
+        bad, grad_norm, sums = take_step(backend, micro, cfg, info, state, cross_tokenizer)
+        state["step"] = step
         state["consumed_samples"] += cfg.global_batch_size
         tokens_since += grad_accum * tokens_per_forward
-
-        if not poisoned:
+        if bad:
+            state["bad_steps"] += 1
+            if info.is_main:
+                print(f"step {step}: {bad}, step skipped ({state['bad_steps']} bad in a row)", flush=True)
+        else:
+            state["bad_steps"] = 0
             history = all_reduce_sum(sums, info.device)
-        if state["step"] % cfg.log.interval == 0 or state["step"] == last:
+            state["recent_losses"] = (state["recent_losses"] + [history["loss"]])[-SPIKE_WINDOW:]
+
+        if step % cfg.log.interval == 0 or step == last:
             elapsed = time.perf_counter() - tick
             tps = tokens_since / elapsed
             history.update(grad_norm=grad_norm, lr=lr, tokens_per_s_per_device=tps, memory_gb=memory_gb(info.device),
-                           skipped_step=float(poisoned), mfu=tps * model_flops / peak if peak else None)
-            logger.log(state["step"], history)
+                           skipped_step=float(bool(bad)), mfu=tps * model_flops / peak if peak else None)
+            logger.log(step, history)
             tick, tokens_since = time.perf_counter(), 0
-        if state["step"] % cfg.checkpoint.interval == 0 or state["step"] == last:
-            checkpointer.save(state["step"], backend, {**state, "config": to_dict(cfg)})
-        interval = cfg.checkpoint.export_interval
-        if state["step"] == cfg.steps or (interval and state["step"] % interval == 0):
-            export_to(run_dir / f"export_{state['step']:08d}", backend, cfg, info)
+        if state["bad_steps"] >= cfg.max_bad_steps:
+            good = checkpointer.latest()
+            where = f"resume from {good}, the last checkpoint before the streak," if good else "start afresh"
+            raise NonFiniteLossError(
+                f"{state['bad_steps']} consecutive bad steps (non-finite or spiking loss; last: step {step}); aborting. "
+                f"Lower optim.lr, check the data for corrupt samples, and {where} (no checkpoint is written during "
+                f"such a streak; the weights of the step before it may already have diverged).")
+
+        minutes = cfg.checkpoint.interval_minutes
+        time_due = bool(minutes) and info.is_main and time.monotonic() - saved_at >= minutes * 60
+        signum, time_due = stop.agree(time_due, info.device)
+        if step % cfg.checkpoint.interval == 0 or step == last or time_due or signum:
+            if state["bad_steps"]:
+                if info.is_main:
+                    print(f"step {step}: no checkpoint during a bad-step streak; {checkpointer.latest()} stays the "
+                          f"latest", flush=True)
+            else:
+                checkpointer.save(step, backend, {**state, "world_size": info.world_size, "metrics": history,
+                                                  "config": to_dict(cfg)})
+                saved_at = time.monotonic()
+        if signum:  # the export, if due, is redone by the resumed run: preemption leaves little time
+            raise Preempted(f"stopped on {signal.Signals(signum).name} after step {step}; {checkpointer.latest()} is the "
+                            f"checkpoint to resume from: run the same command again.")
+        if export_due(step, cfg):
+            export_to(run_dir / f"export_{step:08d}", backend, cfg, info, state, history)
     logger.close()
     return history
 
 
+def take_step(backend, micro: list[dict], cfg: TrainConfig, info: DistInfo, state: dict, cross_tokenizer: bool
+              ) -> tuple[str | None, float, dict[str, torch.Tensor]]:
+    """One optimizer step over this rank's micro-batches: (why it was skipped or None, grad norm,
+    the summed metrics of this rank). Every rank skips a step that any rank finds bad."""
+    local = {"tokens": sum((m["labels"] != -100).sum() for m in micro)}
+    if cross_tokenizer:  # the aligned KD terms are means over the step's aligned pairs
+        local["aligned"] = sum(m["align_mask"].sum() for m in micro)
+    counts = all_reduce_sum(local, info.device)
+    spike_mean = (sum(state["recent_losses"]) / len(state["recent_losses"])
+                  if cfg.loss_spike_factor and len(state["recent_losses"]) >= SPIKE_WARMUP else None)
+    sums: dict[str, torch.Tensor] = {}
+    bad = None
+    for i, m in enumerate(micro):
+        inputs = {k: v.to(info.device) for k, v in m.items()}
+        if "aligned" in counts:
+            inputs["aligned_normalizer"] = counts["aligned"]
+        loss, metrics = backend.model(loss_cfg=cfg.loss, normalizer=counts["tokens"], **inputs)
+        finite = torch.isfinite(loss.detach()).float()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one rank's NaN poisons the whole step
+        if finite.item() < 1:
+            bad = "non-finite loss"
+        elif spike_mean is not None and i == len(micro) - 1 and bad is None:
+            # before the last backward (DeepSpeed steps inside it): the step's loss over all ranks
+            step_loss = all_reduce_sum({"loss": sums.get("loss", 0.0) + metrics["loss"]}, info.device)["loss"]
+            if step_loss > cfg.loss_spike_factor * spike_mean:
+                bad = f"loss {step_loss:.4g} > {cfg.loss_spike_factor:g} x the recent mean {spike_mean:.4g}"
+        if bad:
+            backend.skip_micro(loss)
+            continue
+        backend.backward(loss * info.world_size)  # backends average over ranks; we want the sum
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+    if bad:
+        backend.skip_step()
+        return bad, float("nan"), sums
+    return None, backend.step(), sums
+
+
 def main(config: str | None = None, **overrides) -> None:
-    """Train an LRC student. CONFIG is a YAML file or .py recipe; overrides are dotted, e.g. --optim.lr=3e-4."""
+    """Train an LRC student. CONFIG is a YAML file or .py recipe; overrides are dotted, e.g. --optim.lr=3e-4.
+    Exit codes: 0 done, 65 diverged, 69 run dir in use, 75 preempted (checkpoint written; rerun to resume)."""
     cfg = load_config(config, overrides)
+    code = 0
     try:
         train(cfg)
+    except Preempted as e:
+        code = EXIT_PREEMPTED
+        message = f"preempted: {e}"
+    except NonFiniteLossError as e:
+        code, message = EXIT_DIVERGED, f"diverged: {e}"
+    except RunDirLocked as e:
+        code, message = EXIT_LOCKED, str(e)
     finally:
         if dist.is_initialized():
+            rank = dist.get_rank()
             dist.destroy_process_group()
+        else:
+            rank = 0
+    if code:
+        if rank == 0:
+            print(message, file=sys.stderr, flush=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# Shared launcher for the lrc_*.sh Slurm jobs: one task per node, each running torchrun for
-# all GPUs of its node, rendezvous over c10d on the first node of the allocation.
+# Shared launcher for the Slurm job scripts: one task per node, each running torchrun for all GPUs
+# of its node, rendezvous over c10d on the first node of the allocation.
 #
 #   launch CONFIG [--dotted.override=value ...]
 #
 # Environment:
-#   GPUS_PER_NODE  processes per node (default: SLURM_GPUS_ON_NODE, else 8)
-#   MASTER_PORT    rendezvous port on the first node (default 29500)
-#   DRY_RUN=1      print the exact srun/torchrun command and exit
-#   PYTHON         the interpreter of the environment (default: .venv/bin/python if present)
-# Preemption: the job scripts ask Slurm for SIGUSR1 five minutes before the time limit. The job
-# then requeues itself, and the requeued run resumes from checkpoint.dir/latest.
+#   GPUS_PER_NODE     processes per node (default: SLURM_GPUS_ON_NODE, else 8)
+#   MASTER_PORT       rendezvous port on the first node (default 29500)
+#   SHUTDOWN_TIMEOUT  seconds torchrun gives the ranks to checkpoint after a signal (default 240)
+#   DRY_RUN=1         print the exact srun/torchrun command and exit
+#   PYTHON            the interpreter of the environment (default: .venv/bin/python if present)
+#
+# Preemption and requeue. The job scripts ask Slurm for SIGUSR1 on the batch shell 300 s before
+# the time limit (--signal=B:USR1@300). The trap below passes it to srun, which passes it to each
+# node's torchrun, which passes it to every rank (--signals-to-handle); the ranks agree to stop
+# at the next step boundary, write a checkpoint and exit 75. The script then requeues the job
+# (same job id), and the requeued run resumes from checkpoint.dir/latest. SIGTERM (scancel, or
+# Slurm preemption, which requeues by itself when so configured) is passed on the same way but
+# does not requeue.
 
 launch() {
     local config=$1
@@ -31,11 +38,15 @@ launch() {
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     export WANDB_MODE=${WANDB_MODE:-offline}
 
+    # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): pass it on.
+    local signals=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
     local cmd=(
         srun --ntasks-per-node=1 --nodes="$nnodes" --kill-on-bad-exit=1
+        ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"}
         "$python" -m torch.distributed.run
         --nnodes="$nnodes" --nproc_per_node="$gpus"
         --rdzv_backend=c10d --rdzv_endpoint="$head:$port" --rdzv_id="${SLURM_JOB_ID:-0}"
+        --signals-to-handle="$signals" --shutdown-timeout="${SHUTDOWN_TIMEOUT:-240}"
         -m lrc_dist.train "$config" "$@"
     )
     if [ "${DRY_RUN:-0}" = 1 ]; then
@@ -43,9 +54,23 @@ launch() {
         printf '\n'
         return 0
     fi
-    trap 'echo "time limit near: requeueing ${SLURM_JOB_ID}"; scontrol requeue "${SLURM_JOB_ID}"' USR1
+    echo "$(date '+%F %T') job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on $nnodes node(s): ${cmd[*]}"
+    local pid="" requeue=0 status
+    trap 'echo "$(date "+%F %T") SIGUSR1: time limit near: checkpoint, then requeue"; requeue=1; kill -USR1 "$pid" 2>/dev/null || true' USR1
+    trap 'echo "$(date "+%F %T") SIGTERM: checkpoint, then stop"; kill -TERM "$pid" 2>/dev/null || true' TERM
     "${cmd[@]}" &
-    local pid=$!
-    # wait returns early when USR1 arrives; wait again for srun's own exit status.
-    wait "$pid" || wait "$pid"
+    pid=$!
+    # A trapped signal ends `wait` early; wait again until srun itself has exited.
+    while true; do
+        status=0
+        wait "$pid" || status=$?
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    trap - USR1 TERM
+    if [ "$requeue" = 1 ]; then
+        echo "$(date '+%F %T') requeueing job ${SLURM_JOB_ID} (training exited $status)"
+        scontrol requeue "$SLURM_JOB_ID"
+        return 0
+    fi
+    return "$status"
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # LRC-1.5B, Llama-3.2-3B-Instruct -> d_S 1536, on 2 nodes x 8 GPUs (FSDP2). Extra arguments are config overrides:
 #   sbatch slurm/lrc_llama3b.sh --parallel.backend=deepspeed --optim.lr=1e-4
+# Submit from the repository root: logs go to logs/ there (shipped empty), appended across requeues.
 #SBATCH --job-name=lrc-llama3b
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -10,6 +11,7 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
 set -euo pipefail
 # sbatch runs a copy of this script from its spool directory: find the repository by the submit dir.
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"

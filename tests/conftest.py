@@ -44,6 +44,21 @@ def build_checkpoint(path, family: str, seed: int = 0, **overrides) -> str:
     return str(path)
 
 
+@pytest.fixture
+def one_process(monkeypatch):
+    """Env for an in-process single-rank run; the process group is torn down afterwards."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param

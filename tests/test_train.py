@@ -129,21 +129,6 @@ def test_deepspeed_skips_a_nan_step_like_one_process(tiny_job, tmp_path, zero, s
 # ---- in-process: non-finite losses, schedule, checkpoint mechanics ------------------------------
 
 
-@pytest.fixture
-def one_process(monkeypatch):
-    """Env for an in-process single-rank run; the process group is torn down afterwards."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def tiny_cfg(job, run_dir, **overrides):
     teacher, tokens = job
     return load_config(TINY, {"model.teacher": teacher, "data.paths": [tokens], "checkpoint.dir": str(run_dir),
@@ -174,7 +159,7 @@ def test_nan_step_is_skipped_and_counted(one_process, tiny_job, tmp_path, monkey
 
 def test_persistent_nan_aborts_with_clear_message(one_process, tiny_job, tmp_path, monkeypatch):
     nan_on_steps(monkeypatch, None)
-    with pytest.raises(NonFiniteLossError, match="2 consecutive steps had a non-finite loss"):
+    with pytest.raises(NonFiniteLossError, match="2 consecutive bad steps .*; aborting. Lower optim.lr.*start afresh"):
         train(tiny_cfg(tiny_job, tmp_path, max_bad_steps=2))
 
 
@@ -199,11 +184,8 @@ def test_checkpoints_are_atomic_and_pruned(one_process, tmp_path):
     (tmp_path / "step_00000009.tmp").mkdir()  # debris of a crash mid-save: never "latest"
     for step in (1, 2, 3):
         ckpt.save(step, FakeBackend(), {"step": step})
-    assert ckpt.latest() == tmp_path / "step_00000003"
+    assert ckpt.latest() == ckpt.resumable() == tmp_path / "step_00000003"
     assert sorted(p.name for p in tmp_path.glob("step_*") if not p.name.endswith(".tmp")) == ["step_00000002", "step_00000003"]
-    shutil.rmtree(tmp_path / "step_00000003")
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        ckpt.latest()
 
 
 def test_config_errors(tiny_job, tmp_path):
@@ -219,21 +201,35 @@ def test_config_errors(tiny_job, tmp_path):
 # ---- Slurm launchers -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", ["lrc_qwen7b.sh", "lrc_llama3b.sh"])
-def test_slurm_dry_run_prints_torchrun_command(script, tmp_path):
+RECIPES = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_slurm_dry_run_prints_torchrun_command(recipe, tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "scontrol").write_text('#!/bin/sh\nprintf "gpu-a01\\ngpu-a02\\ngpu-a03\\n"\n')
     (fake / "scontrol").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu-a[01-03]",
-           "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": "8", "PYTHON": "python3"}
-    out = subprocess.run(["bash", str(REPO / "slurm" / script), "--optim.lr=2e-4"], env=env, capture_output=True,
+           "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": "8", "PYTHON": "python3",
+           "SLURM_CPUS_PER_TASK": "64"}
+    script = REPO / "slurm" / f"{recipe}.sh"  # every recipe has its Slurm script
+    out = subprocess.run(["bash", str(script), "--optim.lr=2e-4"], env=env, capture_output=True,
                          text=True, check=True).stdout.strip()
-    recipe = "configs/" + script.replace(".sh", ".yaml")
-    assert out == ("srun --ntasks-per-node=1 --nodes=3 --kill-on-bad-exit=1 python3 -m torch.distributed.run "
-                   "--nnodes=3 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=gpu-a01:29500 --rdzv_id=42 "
-                   f"-m lrc_dist.train {recipe} --optim.lr=2e-4")
-    load_config(str(REPO / recipe))  # the recipe it launches is a valid config
+    assert out == ("srun --ntasks-per-node=1 --nodes=3 --kill-on-bad-exit=1 --cpus-per-task=64 python3 "
+                   "-m torch.distributed.run --nnodes=3 --nproc_per_node=8 --rdzv_backend=c10d "
+                   "--rdzv_endpoint=gpu-a01:29500 --rdzv_id=42 "
+                   "--signals-to-handle=SIGTERM\\,SIGINT\\,SIGHUP\\,SIGQUIT\\,SIGUSR1 "  # printf %q quotes commas
+                   f"--shutdown-timeout={240 if recipe != 'tiny_cpu' else 100} "
+                   f"-m lrc_dist.train configs/{recipe}.yaml --optim.lr=2e-4")
+    load_config(str(REPO / f"configs/{recipe}.yaml"))  # the recipe it launches is a valid config
+    header = script.read_text()
+    for line in ("#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@"):
+        assert line in header, (script, line)
+    logs = [line.split("=", 1)[1] for line in header.splitlines() if line.startswith("#SBATCH --output=")]
+    tracked = subprocess.run(["git", "ls-files", "logs"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert logs and all(Path(p).parent.as_posix() == "logs" for p in logs) and "logs/.gitignore" in tracked, \
+        "Slurm opens --output before the script runs: its directory must exist in a fresh clone"
 
 
 def test_slurm_scripts_are_shellcheck_clean():

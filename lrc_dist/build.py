@@ -1,0 +1,45 @@
+"""From a training config to the distillation model it trains (`model.method`): the trainer, the
+export of a checkpoint and the tests all build it here, identically on every rank."""
+
+from __future__ import annotations
+
+import torch
+
+from lrc_dist.align import vocab_overlap
+from lrc_dist.config import TrainConfig
+from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
+from lrc_dist.lrc import LowRankClone
+from lrc_dist.model import CausalLM
+
+DistillationModel = LowRankClone | KnowledgeDistillation
+
+
+def dtype_of(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name!r} is not a floating-point torch dtype; use bfloat16, float16 or float32.")
+    return dtype
+
+
+def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> DistillationModel:
+    """The model of `cfg.model.method`, initialised identically on every rank (same seed)."""
+    m = cfg.model
+    dtype = dtype or dtype_of(m.dtype)
+    if m.method == "lm":
+        if not m.student:
+            raise ValueError("model.method=lm trains model.student: pass a checkpoint dir with its config.json.")
+        return KnowledgeDistillation(build_student(m.student, cfg.seed))
+    if not m.teacher:
+        raise ValueError("model.teacher is not set: pass the directory of a local Hugging Face checkpoint.")
+    teacher = CausalLM.from_pretrained(m.teacher, dtype=dtype)
+    if m.method == "kd":
+        student = build_student(m.student, cfg.seed) if m.student else student_like(
+            teacher, m.lrc.student_hidden_size, cfg.seed)
+        overlap = vocab_overlap(m.teacher, m.student) if m.cross_tokenizer() else None
+        model = KnowledgeDistillation(student, teacher, overlap)
+    else:
+        model = LowRankClone(teacher, m.lrc)
+        model.init_weights(cfg.seed)
+    if cfg.loss.dskd_weight:
+        model.enable_dual_space()
+    return model
