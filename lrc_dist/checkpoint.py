@@ -5,8 +5,8 @@ Layout under `checkpoint.dir` (a filesystem every rank sees):
     step_00000500/          a complete checkpoint: the backend's files (DCP or DeepSpeed) plus
         rng.pt              rank 0's RNG states
         train_state.json    step, consumed_samples, bad_steps, the world size, the last logged
-                            metrics, the config it was written with, and the size and CRC-32 of
-                            every other file in the directory; written last
+                            metrics, the config it was written with, and the size and blake2b
+                            checksum of every other file in the directory; written last
     latest                  the name of the newest complete checkpoint
     step_00000400.damaged/  a checkpoint that failed verification, moved aside at resume
 
@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
-import zlib
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from lrc_dist.indexed_dataset import file_digest, fsync_dir
 
 TRAIN_STATE, RNG_STATE, LATEST = "train_state.json", "rng.pt", "latest"
 
@@ -37,20 +39,14 @@ class CheckpointDamaged(RuntimeError):
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """`path` keeps its old content or holds all of the new one, also across a power loss."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def crc32(path: Path) -> int:
-    value = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            value = zlib.crc32(block, value)
-    return value
+    fsync_dir(path.parent)
 
 
 def _gathered(items: dict) -> dict:
@@ -60,12 +56,12 @@ def _gathered(items: dict) -> dict:
     return {k: v for part in parts for k, v in part.items()}
 
 
-def file_table(root: Path) -> dict[str, list[int]]:
-    """{relative path: [size, crc32]} of every file under `root` (collective: each rank reads a
-    share of the files)."""
+def file_table(root: Path) -> dict[str, list]:
+    """{relative path: [size, blake2b digest]} of every file under `root` (collective: each rank
+    reads a share of the files)."""
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != TRAIN_STATE)
     rank, world = dist.get_rank(), dist.get_world_size()
-    return _gathered({f: [(root / f).stat().st_size, crc32(root / f)] for f in files[rank::world]})
+    return _gathered({f: [(root / f).stat().st_size, file_digest(root / f)] for f in files[rank::world]})
 
 
 def read_train_state(path: str | Path) -> dict:
@@ -89,9 +85,20 @@ def damage(path: Path, state: dict, rank: int, world: int) -> dict[str, str]:
             problems[name] = "missing"
         elif file.stat().st_size != size:
             problems[name] = f"truncated or resized: {file.stat().st_size} bytes, {size} written"
-        elif crc32(file) != checksum:
-            problems[name] = "corrupt: its CRC-32 differs from the one written"
+        elif file_digest(file) != checksum:
+            problems[name] = "corrupt: its checksum differs from the one written"
     return problems
+
+
+STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def agreed(value):
+    """Rank 0's `value` on every rank (collective): decisions taken from a shared filesystem,
+    whose views may briefly differ between hosts, must be one decision."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class Checkpointer:
@@ -99,29 +106,40 @@ class Checkpointer:
         self.root, self.keep, self.is_main = Path(root), max(keep, 1), is_main
 
     def latest(self) -> Path | None:
-        """What the `latest` pointer names (unverified), or None."""
+        """What the `latest` pointer names (unverified), or None (also for a pointer that names no
+        step_N directory of this run dir)."""
         pointer = self.root / LATEST
-        return self.root / pointer.read_text().strip() if pointer.is_file() else None
+        if not pointer.is_file():
+            return None
+        name = pointer.read_text().strip()
+        return self.root / name if STEP_DIR.fullmatch(name) else None
 
     def complete(self) -> list[tuple[int, Path]]:
-        """(recorded step, path) of every complete checkpoint, newest first."""
+        """(recorded step, path) of every complete checkpoint up to `latest`'s step, newest first;
+        later ones (not this run's: `latest` never named them) are left alone."""
+        latest = self.latest()
+        newest = int(STEP_DIR.fullmatch(latest.name)[1]) if latest is not None else None
         found = []
-        for path in self.root.glob("step_*"):
-            if path.is_dir() and path.suffix not in (".tmp", ".damaged") and (path / TRAIN_STATE).is_file():
-                try:
-                    found.append((int(read_train_state(path)["step"]), path))
-                except (CheckpointDamaged, KeyError, ValueError):
-                    found.append((-1, path))  # unreadable state: verification will move it aside
+        for path in self.root.iterdir() if self.root.is_dir() else ():
+            if not (path.is_dir() and STEP_DIR.fullmatch(path.name) and (path / TRAIN_STATE).is_file()):
+                continue
+            try:
+                step = int(read_train_state(path)["step"])
+            except (CheckpointDamaged, KeyError, TypeError, ValueError):
+                step = -1  # unreadable state: verification moves it aside
+            if newest is None or step <= newest or path == latest:
+                found.append((step, path))
         return sorted(found, key=lambda sp: (sp[0], sp[1].name), reverse=True)
 
     def resumable(self) -> Path | None:
         """The checkpoint to resume from (collective): `latest`'s target if it verifies, else the
-        newest intact one, with a warning; damaged ones are renamed `*.damaged`. None on a fresh
-        run dir; CheckpointDamaged when checkpoints exist but none is intact."""
+        newest intact one before it, with a warning; damaged ones are renamed `*.damaged`. None on
+        a fresh run dir; CheckpointDamaged when checkpoints exist but none is intact."""
         latest = self.latest()
         candidates = [p for _, p in self.complete()]
         if latest is not None:
             candidates = [latest] + [p for p in candidates if p != latest]
+        candidates = agreed(candidates if self.is_main else None)
         rank, world = dist.get_rank(), dist.get_world_size()
         rejected = []
         for path in candidates:
@@ -138,7 +156,9 @@ class Checkpointer:
             rejected.append(f"{path} is damaged: {path / file}: {what}{more}")
             dist.barrier()  # every rank has finished reading it
             if self.is_main and path.is_dir():
-                os.replace(path, path.with_name(path.name + ".damaged"))
+                aside = path.with_name(path.name + ".damaged")
+                shutil.rmtree(aside, ignore_errors=True)  # an older damaged copy of the same step
+                os.replace(path, aside)
         if rejected:
             raise CheckpointDamaged("no intact checkpoint to resume from: " + "; ".join(rejected) +
                                     ". Start afresh with --checkpoint.resume=false or in another checkpoint.dir.")
@@ -159,6 +179,7 @@ class Checkpointer:
             write_atomic(tmp / TRAIN_STATE, json.dumps({**train_state, "files": files}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            fsync_dir(self.root)
             write_atomic(self.root / LATEST, final.name)
             self._prune()
         dist.barrier()
@@ -172,7 +193,8 @@ class Checkpointer:
         return read_train_state(path)
 
     def _prune(self) -> None:
-        """Keep the `keep` newest checkpoints by recorded step, and always `latest`'s target."""
+        """Keep the `keep` newest checkpoints by recorded step (up to latest's), and always
+        `latest`'s target."""
         latest = self.latest()
         for _, old in self.complete()[self.keep:]:
             if old != latest:

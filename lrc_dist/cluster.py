@@ -2,7 +2,7 @@
 one job per run directory, no rank outliving its launcher, and exit codes a job script can act on.
 
 Exit codes of `python -m lrc_dist.train` (each rank's; torchrun itself exits 1 when any rank
-exits non-zero, and prints the ranks' codes):
+exits non-zero, so with LRC_EXIT_FILE set rank 0 also writes its code to that file):
 
     0   finished (or stopped at `stop_at`), checkpoint written
     1   an unexpected error (traceback)
@@ -10,6 +10,9 @@ exits non-zero, and prints the ranks' codes):
     69  the run directory is held by another live job (the message names it)
     75  preempted: stopped on SIGTERM/SIGUSR1/SIGINT at a step boundary, checkpoint written;
         run the same command again to resume
+
+No checkpoint is written during a streak of bad steps, also not at the end or on a signal: the
+last one before the streak stays `latest` (the message says so).
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 class StopSignals:
     """While active, SIGTERM, SIGUSR1 and SIGINT only raise a flag: the ranks agree on it at the
-    next step boundary (`agree`), write a checkpoint and exit with EXIT_PREEMPTED. A second
-    SIGINT (Ctrl-C twice) stops at once, without a checkpoint."""
+    next step boundary (`agree`), write a checkpoint and exit with EXIT_PREEMPTED. In a process
+    of its own (no torchrun), a second Ctrl-C stops at once, without a checkpoint; torchrun turns
+    every Ctrl-C into a SIGTERM to the ranks, and kills them after its --shutdown-timeout."""
 
     def __init__(self):
         self.signum = 0
@@ -73,9 +77,9 @@ def die_with_launcher() -> None:
     on as an orphan."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
-    PR_SET_PDEATHSIG = 1
+    launcher, PR_SET_PDEATHSIG = os.getppid(), 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() == 1:  # the launcher died before prctl took effect
+    if os.getppid() != launcher:  # it died before prctl took effect: we were handed to a reaper
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -116,9 +120,9 @@ class RunLock:
 
     A lock is taken over when its holder is gone:
     - on the same host, when the pid no longer runs (or now belongs to a later process);
-    - from a job with the same SLURM_JOB_ID (a requeued job is a new incarnation of the holder);
-    - from another host, when the heartbeat is older than `stale_after` seconds (clocks of the
-      hosts and the file server must agree to well within that).
+    - from another host, by a later run of the same Slurm job (same SLURM_JOB_ID, higher
+      SLURM_RESTART_COUNT: Slurm requeued it), or when the heartbeat is older than `stale_after`
+      seconds (the clocks of the hosts and the file server must agree to well within that).
     Anything else is a live holder, and acquiring fails at once with RunDirLocked naming it.
     """
 
@@ -126,7 +130,10 @@ class RunLock:
         self.path = Path(run_dir) / "lock"
         self.stale_after = stale_after
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),
-                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                       "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self._mine = f"{self.record['host']}.{os.getpid()}"  # names of this job's temporary files
         self._text = json.dumps(self.record)
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -170,13 +177,17 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
 
     def _create(self) -> bool:
+        """Create the lock, whole, unless it exists: link() of a written file is atomic and exclusive
+        (also on NFS), so no other job ever reads a half-written lock."""
+        tmp = self.path.with_name(f"lock.new.{self._mine}")
+        tmp.write_text(self._text)
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, self.path)
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(self._text)
-        return True
+        finally:
+            tmp.unlink()
 
     def _read(self) -> tuple[str | None, dict | None]:
         try:
@@ -192,11 +203,12 @@ class RunLock:
         """Why the holder is gone, or None if it may be alive."""
         if not holder:
             return "the lock file is unreadable"
-        job = self.record["slurm_job_id"]
-        if job is not None and holder.get("slurm_job_id") == job:
-            return f"it was held by an earlier run of this Slurm job {job} (requeued)"
         if holder.get("host") == self.record["host"]:
             return None if _alive(holder) else f"its holder, pid {holder.get('pid')} on this host, is gone"
+        job = self.record["slurm_job_id"]
+        if job is not None and holder.get("slurm_job_id") == job and \
+                holder.get("slurm_restart", 0) < self.record["slurm_restart"]:
+            return f"it was held by an earlier run of this Slurm job {job}, since requeued"
         try:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
@@ -207,7 +219,7 @@ class RunLock:
 
     def _take_over(self, seen: str) -> bool:
         """Replace the stale lock whose text is `seen`; False if another job got there first."""
-        aside = self.path.with_name(f"lock.stale.{os.getpid()}")
+        aside = self.path.with_name(f"lock.stale.{self._mine}")
         try:
             os.rename(self.path, aside)  # atomic: of two jobs renaming one lock, one gets it
         except FileNotFoundError:
@@ -224,10 +236,11 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.stale_after / 10):
-            try:
-                os.utime(self.path)
-            except FileNotFoundError:
-                pass
+            if self._read()[0] != self._text:  # deleted by hand, or taken over as stale
+                print(f"WARNING: {self.path} is no longer this job's; another job may now train in "
+                      f"{self.path.parent}", file=sys.stderr, flush=True)
+                return
+            os.utime(self.path)
 
     @staticmethod
     def _describe(holder: dict) -> str:
@@ -243,7 +256,7 @@ def lock_run_dir(run_dir: str | Path, info, stale_after: float):
     if info.is_main:
         try:
             lock.acquire()
-        except RunDirLocked as e:
+        except Exception as e:  # whatever it is, the other ranks must hear of it, not wait forever
             error = e
     held = torch.tensor([error is None], dtype=torch.int64, device=info.device)
     dist.broadcast(held, 0)

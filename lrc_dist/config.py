@@ -212,8 +212,8 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
     old, new = flatten(saved), flatten(to_dict(cfg))
     allowed = (*RESUME_MAY_CHANGE, *cfg.checkpoint.allow_changes)
     changes = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+    for key in sorted(old):  # a key the checkpoint's config lacks is an option added since
+        a, b = old[key], new.get(key)
         if a == b or any(key == k or key.startswith(k + ".") for k in (k.rstrip(".") for k in allowed)):
             continue
         if key == "parallel.backend" and a in DCP_BACKENDS and b in DCP_BACKENDS:

@@ -29,7 +29,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 
 from lrc_dist.build import DistillationModel, build_model, dtype_of
-from lrc_dist.checkpoint import LATEST, TRAIN_STATE, CheckpointDamaged, damage, read_train_state
+from lrc_dist.checkpoint import LATEST, TRAIN_STATE, Checkpointer, CheckpointDamaged, damage, read_train_state
 from lrc_dist.config import TrainConfig, build
 from lrc_dist.kd import KnowledgeDistillation
 from lrc_dist.lrc import LRC_CONFIG_FILE, LowRankClone, load_lrc, read_lrc_meta, save_lrc
@@ -167,9 +167,9 @@ def checkpoint_dir(source: Path) -> Path:
     """A checkpoint directory as is, or a run directory's latest checkpoint."""
     if (source / TRAIN_STATE).is_file():
         return source
-    pointer = source / LATEST
-    if pointer.is_file():
-        return source / pointer.read_text().strip()
+    latest = Checkpointer(source, 1, False).latest()
+    if latest is not None:
+        return latest
     raise CheckpointError(f"{source} is neither a checkpoint (no {TRAIN_STATE}), a run directory (no {LATEST}), "
                             f"nor an lrc directory (no {LRC_CONFIG_FILE}).")
 

@@ -82,8 +82,11 @@ class MetricsLogger:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
-        kept = [line for line in (path.read_text().splitlines() if path.is_file() else [])
-                if line.strip() and _step_of(line) <= resume_step]
+        lines = [line for line in (path.read_text().splitlines() if path.is_file() else []) if line.strip()]
+        kept = [line for line in lines if _step_of(line) <= resume_step]
+        if len(kept) < len(lines):
+            print(f"{path}: dropped {len(lines) - len(kept)} record(s) after step {resume_step}, where this run "
+                  f"{'resumes' if resume_step else 'starts'}", flush=True)
         write_atomic(path, "".join(line + "\n" for line in kept))
         self.jsonl = open(path, "a")
         if wandb_project and wandb_mode != "disabled":

@@ -16,6 +16,7 @@ at the next step boundary with a checkpoint (exit 75); a bad-step streak never w
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from lrc_dist.align import TeacherRetokenizer
 from lrc_dist.build import build_model
-from lrc_dist.checkpoint import Checkpointer, read_train_state
+from lrc_dist.checkpoint import Checkpointer, agreed, read_train_state
 from lrc_dist.cluster import EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEMPTED, RunDirLocked, StopSignals, \
     die_with_launcher, lock_run_dir
 from lrc_dist.config import TrainConfig, load_config, resume_changes, to_dict
@@ -142,8 +143,8 @@ def export_to(path: Path, backend, cfg: TrainConfig, info: DistInfo, state: dict
 def train(cfg: TrainConfig) -> dict[str, float]:
     """Run (or resume) the training job of `cfg`; returns the last logged metrics. Raises Preempted
     when a stop signal ended it early (with a checkpoint), NonFiniteLossError when it diverged."""
-    info = init_distributed(cfg.device)
     die_with_launcher()
+    info = init_distributed(cfg.device)
     with StopSignals() as stop, lock_run_dir(cfg.checkpoint.dir, info, cfg.checkpoint.lock_stale_minutes * 60):
         return _train(cfg, info, stop)
 
@@ -177,62 +178,68 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
     logger = MetricsLogger(run_dir, info.is_main, cfg.log.wandb_project, cfg.log.wandb_mode, cfg.log.run_name,
                            to_dict(cfg), resume_step=state["step"])
     export_path = run_dir / f"export_{state['step']:08d}"
-    if resume_from is not None and export_due(state["step"], cfg) and not export_path.is_dir():
+    if resume_from is not None and export_due(state["step"], cfg) and agreed(not export_path.is_dir()):
         export_to(export_path, backend, cfg, info, state, history)  # killed during (or before) it: redo
     tick, tokens_since, saved_at = time.perf_counter(), 0, time.monotonic()
     last = min(cfg.steps, cfg.stop_at or cfg.steps)
-    while state["step"] < last:
-        step = state["step"] + 1  # the step being taken
-        lr = lr_at(step - 1, cfg)
-        backend.set_lr(lr)
-        micro = [next(batches) for _ in range(grad_accum)]
-        bad, grad_norm, sums = take_step(backend, micro, cfg, info, state, cross_tokenizer)
-        state["step"] = step
-        state["consumed_samples"] += cfg.global_batch_size
-        tokens_since += grad_accum * tokens_per_forward
-        if bad:
-            state["bad_steps"] += 1
-            if info.is_main:
-                print(f"step {step}: {bad}, step skipped ({state['bad_steps']} bad in a row)", flush=True)
-        else:
-            state["bad_steps"] = 0
-            history = all_reduce_sum(sums, info.device)
-            state["recent_losses"] = (state["recent_losses"] + [history["loss"]])[-SPIKE_WINDOW:]
-
-        if step % cfg.log.interval == 0 or step == last:
-            elapsed = time.perf_counter() - tick
-            tps = tokens_since / elapsed
-            history.update(grad_norm=grad_norm, lr=lr, tokens_per_s_per_device=tps, memory_gb=memory_gb(info.device),
-                           skipped_step=float(bool(bad)), mfu=tps * model_flops / peak if peak else None)
-            logger.log(step, history)
-            tick, tokens_since = time.perf_counter(), 0
-        if state["bad_steps"] >= cfg.max_bad_steps:
-            good = checkpointer.latest()
-            where = f"resume from {good}, the last checkpoint before the streak," if good else "start afresh"
-            raise NonFiniteLossError(
-                f"{state['bad_steps']} consecutive bad steps (non-finite or spiking loss; last: step {step}); aborting. "
-                f"Lower optim.lr, check the data for corrupt samples, and {where} (no checkpoint is written during "
-                f"such a streak; the weights of the step before it may already have diverged).")
-
-        minutes = cfg.checkpoint.interval_minutes
-        time_due = bool(minutes) and info.is_main and time.monotonic() - saved_at >= minutes * 60
-        signum, time_due = stop.agree(time_due, info.device)
-        if step % cfg.checkpoint.interval == 0 or step == last or time_due or signum:
-            if state["bad_steps"]:
+    try:
+        while state["step"] < last:
+            step = state["step"] + 1  # the step being taken
+            lr = lr_at(step - 1, cfg)
+            backend.set_lr(lr)
+            micro = [next(batches) for _ in range(grad_accum)]
+            bad, grad_norm, sums = take_step(backend, micro, cfg, info, state, cross_tokenizer)
+            state["step"] = step
+            state["consumed_samples"] += cfg.global_batch_size
+            tokens_since += grad_accum * tokens_per_forward
+            if bad:
+                state["bad_steps"] += 1
                 if info.is_main:
-                    print(f"step {step}: no checkpoint during a bad-step streak; {checkpointer.latest()} stays the "
-                          f"latest", flush=True)
+                    print(f"step {step}: {bad}, step skipped ({state['bad_steps']} bad in a row)", flush=True)
             else:
-                checkpointer.save(step, backend, {**state, "world_size": info.world_size, "metrics": history,
-                                                  "config": to_dict(cfg)})
-                saved_at = time.monotonic()
-        if signum:  # the export, if due, is redone by the resumed run: preemption leaves little time
-            raise Preempted(f"stopped on {signal.Signals(signum).name} after step {step}; {checkpointer.latest()} is the "
-                            f"checkpoint to resume from: run the same command again.")
-        if export_due(step, cfg):
-            export_to(run_dir / f"export_{step:08d}", backend, cfg, info, state, history)
-    logger.close()
-    return history
+                state["bad_steps"] = 0
+                history = all_reduce_sum(sums, info.device)
+                state["recent_losses"] = (state["recent_losses"] + [history["loss"]])[-SPIKE_WINDOW:]
+
+            if step % cfg.log.interval == 0 or step == last:
+                elapsed = time.perf_counter() - tick
+                tps = tokens_since / elapsed
+                history.update(grad_norm=grad_norm, lr=lr, tokens_per_s_per_device=tps,
+                               memory_gb=memory_gb(info.device), skipped_step=float(bool(bad)),
+                               mfu=tps * model_flops / peak if peak else None)
+                logger.log(step, history)
+                tick, tokens_since = time.perf_counter(), 0
+            if state["bad_steps"] >= cfg.max_bad_steps:
+                good = checkpointer.latest()
+                where = f"resume from {good}, the last checkpoint before the streak," if good else "start afresh"
+                raise NonFiniteLossError(
+                    f"{state['bad_steps']} consecutive bad steps (non-finite or spiking loss; last: step {step}); "
+                    f"aborting. Lower optim.lr, check the data for corrupt samples, and {where} (no checkpoint is "
+                    f"written during such a streak; the weights of the step before it may already have diverged).")
+
+            minutes = cfg.checkpoint.interval_minutes
+            time_due = bool(minutes) and info.is_main and time.monotonic() - saved_at >= minutes * 60
+            signum, time_due = stop.agree(time_due, info.device)
+            if step % cfg.checkpoint.interval == 0 or step == last or time_due or signum:
+                if state["bad_steps"]:
+                    if info.is_main:
+                        print(f"step {step}: no checkpoint during a bad-step streak; {checkpointer.latest()} "
+                              f"stays the latest", flush=True)
+                else:
+                    checkpointer.save(step, backend, {**state, "world_size": info.world_size, "metrics": history,
+                                                      "config": to_dict(cfg)})
+                    saved_at = time.monotonic()
+            if signum:  # the export, if due, is redone by the resumed run: preemption leaves little time
+                raise Preempted(f"stopped on {signal.Signals(signum).name} after step {step}; "
+                                f"{checkpointer.latest()} is the checkpoint to resume from: run the same command again.")
+            if step == last and state["bad_steps"] and info.is_main:
+                print(f"WARNING: the run ended in a streak of {state['bad_steps']} bad steps, without a final "
+                      f"checkpoint; {checkpointer.latest()} is the last good one.", flush=True)
+            if export_due(step, cfg):
+                export_to(run_dir / f"export_{step:08d}", backend, cfg, info, state, history)
+        return history
+    finally:
+        logger.close()
 
 
 def take_step(backend, micro: list[dict], cfg: TrainConfig, info: DistInfo, state: dict, cross_tokenizer: bool
@@ -275,24 +282,25 @@ def take_step(backend, micro: list[dict], cfg: TrainConfig, info: DistInfo, stat
 
 def main(config: str | None = None, **overrides) -> None:
     """Train an LRC student. CONFIG is a YAML file or .py recipe; overrides are dotted, e.g. --optim.lr=3e-4.
-    Exit codes: 0 done, 65 diverged, 69 run dir in use, 75 preempted (checkpoint written; rerun to resume)."""
+    Exit codes: 0 done, 65 diverged, 69 run dir in use, 75 preempted (rerun to resume); see lrc_dist.cluster.
+    With LRC_EXIT_FILE set, rank 0 also writes its exit code there (torchrun reports only 0 or 1)."""
     cfg = load_config(config, overrides)
-    code = 0
+    code, message = 1, None  # 1 unless something below says otherwise
     try:
         train(cfg)
+        code = 0
     except Preempted as e:
-        code = EXIT_PREEMPTED
-        message = f"preempted: {e}"
+        code, message = EXIT_PREEMPTED, f"preempted: {e}"
     except NonFiniteLossError as e:
         code, message = EXIT_DIVERGED, f"diverged: {e}"
     except RunDirLocked as e:
         code, message = EXIT_LOCKED, str(e)
     finally:
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
         if dist.is_initialized():
-            rank = dist.get_rank()
             dist.destroy_process_group()
-        else:
-            rank = 0
+        if rank == 0 and os.environ.get("LRC_EXIT_FILE"):
+            Path(os.environ["LRC_EXIT_FILE"]).write_text(f"{code}\n")
     if code:
         if rank == 0:
             print(message, file=sys.stderr, flush=True)

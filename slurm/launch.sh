@@ -14,10 +14,11 @@
 # Preemption and requeue. The job scripts ask Slurm for SIGUSR1 on the batch shell 300 s before
 # the time limit (--signal=B:USR1@300). The trap below passes it to srun, which passes it to each
 # node's torchrun, which passes it to every rank (--signals-to-handle); the ranks agree to stop
-# at the next step boundary, write a checkpoint and exit 75. The script then requeues the job
-# (same job id), and the requeued run resumes from checkpoint.dir/latest. SIGTERM (scancel, or
-# Slurm preemption, which requeues by itself when so configured) is passed on the same way but
-# does not requeue.
+# at the next step boundary, write a checkpoint and exit 75. Rank 0 writes that code to
+# LRC_EXIT_FILE (torchrun itself exits 1), and on 75 the script requeues the job (same job id):
+# the requeued run resumes from checkpoint.dir/latest. SIGTERM to the batch shell
+# (`scancel --batch --signal=TERM JOB`) checkpoints the same way and does not requeue; it is
+# passed on as SIGUSR1 because srun answers SIGTERM by killing its tasks at once.
 
 launch() {
     local config=$1
@@ -55,9 +56,12 @@ launch() {
         return 0
     fi
     echo "$(date '+%F %T') job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on $nnodes node(s): ${cmd[*]}"
-    local pid="" requeue=0 status
-    trap 'echo "$(date "+%F %T") SIGUSR1: time limit near: checkpoint, then requeue"; requeue=1; kill -USR1 "$pid" 2>/dev/null || true' USR1
-    trap 'echo "$(date "+%F %T") SIGTERM: checkpoint, then stop"; kill -TERM "$pid" 2>/dev/null || true' TERM
+    local pid="" stop=0 status code
+    mkdir -p logs  # on the shared filesystem of the submit dir: rank 0 may run on another node
+    export LRC_EXIT_FILE="$PWD/logs/.exit-${SLURM_JOB_ID:-0}"
+    rm -f "$LRC_EXIT_FILE"
+    trap 'echo "$(date "+%F %T") SIGUSR1: checkpoint, then requeue"; kill -USR1 "$pid" 2>/dev/null || true' USR1
+    trap 'echo "$(date "+%F %T") SIGTERM: checkpoint, then stop"; stop=1; kill -USR1 "$pid" 2>/dev/null || true' TERM
     "${cmd[@]}" &
     pid=$!
     # A trapped signal ends `wait` early; wait again until srun itself has exited.
@@ -67,10 +71,13 @@ launch() {
         kill -0 "$pid" 2>/dev/null || break
     done
     trap - USR1 TERM
-    if [ "$requeue" = 1 ]; then
-        echo "$(date '+%F %T') requeueing job ${SLURM_JOB_ID} (training exited $status)"
+    code=$(cat "$LRC_EXIT_FILE" 2>/dev/null || echo "none")
+    rm -f "$LRC_EXIT_FILE"
+    if [ "$code" = 75 ] && [ "$stop" = 0 ]; then
+        echo "$(date '+%F %T') preempted with a checkpoint: requeueing job ${SLURM_JOB_ID}"
         scontrol requeue "$SLURM_JOB_ID"
         return 0
     fi
+    echo "$(date '+%F %T') training exited ${code} (srun: ${status})"
     return "$status"
 }

@@ -44,14 +44,18 @@ def build_checkpoint(path, family: str, seed: int = 0, **overrides) -> str:
     return str(path)
 
 
-@pytest.fixture
-def one_process(monkeypatch):
-    """Env for an in-process single-rank run; the process group is torn down afterwards."""
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """Env for an in-process single-rank run; the process group is torn down afterwards."""
+    port = free_port()
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(k, v)
     yield

@@ -45,6 +45,9 @@ def checkpoints(one_process, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "remove_state"])
 def test_a_damaged_checkpoint_is_named_and_resume_falls_back(checkpoints, tmp_path, capsys, damage):
+    orphan = tmp_path / "step_00000099"  # intact, but not this run's: latest never named it
+    orphan.mkdir()
+    (orphan / "train_state.json").write_text(json.dumps({"step": 99}))
     shard = tmp_path / "step_00000003/shard_1.bin"
     if damage == "truncate":
         shard.write_bytes(shard.read_bytes()[:100])
@@ -70,14 +73,26 @@ def test_no_intact_checkpoint_is_an_error_naming_them(checkpoints, tmp_path):
 
 def test_pruning_goes_by_recorded_step_and_never_removes_latest(one_process, tmp_path):
     torch.distributed.init_process_group("gloo")
-    orphan = tmp_path / "step_00000099"  # e.g. left by another run: its name sorts after everything
-    orphan.mkdir(parents=True)
-    (orphan / "train_state.json").write_text(json.dumps({"step": 99}))
+    for name, step in (("step_00000099", 0), ("step_00000050", 50)):  # left by other runs
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "train_state.json").write_text(json.dumps({"step": step}))
     ckpt = Checkpointer(tmp_path, keep=1, is_main=True)
     for step in (1, 2):
         ckpt.save(step, FileBackend(), {"step": step})
         assert ckpt.latest() == tmp_path / f"step_{step:08d}" and ckpt.latest().is_dir()
-    assert not (tmp_path / "step_00000001").exists()
+    # step_99 recorded step 0: older than latest, pruned; step_50 lies beyond latest: not this run's, kept
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000050"]
+
+
+def test_a_resume_past_a_damaged_latest_continues_the_curve(one_process, tiny_job, tmp_path):
+    train(tiny_cfg(tiny_job, tmp_path / "ref"))
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_job, run, stop_at=5, **{"checkpoint.interval": 2, "checkpoint.keep": 3}))
+    shard = next((run / "step_00000005").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-8])  # truncated, as by a full disk
+    train(tiny_cfg(tiny_job, run, **{"checkpoint.interval": 2, "checkpoint.keep": 3}))  # from step 4
+    assert (run / "step_00000005.damaged").is_dir()
+    assert_same_curve(records(run), records(tmp_path / "ref"), CURVE_KEYS)
 
 
 def test_resume_with_another_config_is_refused_listing_the_keys(one_process, tiny_job, tmp_path):
@@ -132,6 +147,38 @@ def test_divergence_keeps_the_last_good_checkpoint_and_names_it(one_process, tin
     skipped = [r["step"] for r in records(tmp_path) if r["skipped_step"]]
     console = capsys.readouterr().out
     assert skipped == [4, 5, 6] and all(f"step {s}: non-finite loss, step skipped" in console for s in skipped)
+
+
+def test_a_stop_signal_during_a_bad_streak_writes_no_checkpoint(one_process, tiny_job, tmp_path, monkeypatch):
+    import signal
+
+    from lrc_dist.train import Preempted
+
+    def nan_from_step_3_and_sigterm_in_step_4(call):
+        if call == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return call > 4
+
+    poison(monkeypatch, nan_from_step_3_and_sigterm_in_step_4)
+    with pytest.raises(Preempted, match=r"after step 4; .*step_00000002 is the checkpoint to resume from"):
+        train(tiny_cfg(tiny_job, tmp_path, **{"checkpoint.interval": 1}))
+    assert (tmp_path / "latest").read_text() == "step_00000002"
+
+
+def test_stop_signals_raise_a_flag_and_a_second_ctrl_c_stops_at_once():
+    import signal
+
+    from lrc_dist.cluster import StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGUSR1)  # later signals keep the first one's name
+        assert stop.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_loss_spike_guard_skips_the_step_like_a_nan(one_process, tiny_job, tmp_path, monkeypatch):
@@ -190,10 +237,40 @@ def test_locks_of_other_hosts_go_stale_and_a_requeued_job_takes_its_own(tmp_path
     os.utime(tmp_path / "lock", (old, old))
     with RunLock(tmp_path, stale_after=600):
         pass
-    write_lock(tmp_path, host="gpu-b07", pid=123, slurm_job_id="77")
-    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued onto another node
+    write_lock(tmp_path, host="gpu-b07", pid=123, slurm_job_id="77", slurm_restart=0)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # a second launch inside the same allocation: live
+    with pytest.raises(RunDirLocked, match="pid 123 on gpu-b07, Slurm job 77"):
+        RunLock(tmp_path, stale_after=600).acquire()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the same job, requeued onto another node
     with RunLock(tmp_path, stale_after=600):
         pass
+
+
+def _contend(run_dir, start, results):
+    start.wait()
+    try:
+        RunLock(run_dir).acquire()  # held until the process exits
+        results.put("held")
+    except RunDirLocked:
+        results.put("refused")
+
+
+@pytest.mark.parametrize("left", ["no lock", "a dead holder's lock"])
+def test_of_jobs_starting_together_exactly_one_gets_the_lock(tmp_path, left):
+    import multiprocessing
+
+    if left != "no lock":
+        write_lock(tmp_path, host=socket.gethostname(), pid=2**22 + 17, since="then")  # no such pid
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Event(), ctx.Queue()
+    jobs = [ctx.Process(target=_contend, args=(tmp_path, start, results)) for _ in range(4)]
+    for job in jobs:
+        job.start()
+    start.set()
+    outcomes = sorted(results.get(timeout=60) for _ in jobs)
+    for job in jobs:
+        job.join()
+    assert outcomes == ["held", "refused", "refused", "refused"]
 
 
 def test_the_trainer_refuses_a_run_dir_in_use_before_loading_anything(one_process, tiny_job, tmp_path, capsys,
@@ -263,5 +340,5 @@ def test_checkpoint_interval_minutes_adds_time_based_checkpoints(one_process, ti
 def test_export_takes_only_floating_point_dtypes(tmp_path):
     from lrc_dist.export import main as export
 
-    with pytest.raises(ValueError, match="'int8' is not a floating-point torch dtype; use bfloat16"):
+    with pytest.raises(ValueError, match="'int8' is not a floating-point torch dtype lrc_dist takes; use bfloat16"):
         export(str(tmp_path), str(tmp_path / "out"), dtype="int8")

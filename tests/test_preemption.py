@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_same_curve
+from conftest import assert_same_curve, free_port
 from test_train import CURVE_KEYS, ENV, REPO, TINY, run
 
 LONG = ("--steps=24", "--checkpoint.interval=1000")  # no periodic checkpoint: only the signal's and the last
@@ -117,44 +117,87 @@ def test_sigterm_at_a_random_step_loses_no_step(long_reference, tiny_job, tmp_pa
     assert "| steps | 24 of 24 |" in card and "| tokens seen | 3,072 |" in card and "Loss terms" in card
 
 
-def test_slurm_cycle_signal_checkpoint_requeue_resume(long_reference, tiny_job, tmp_path):
-    """slurm/tiny_cpu.sh as Slurm runs it, with srun and scontrol stubbed: SIGUSR1 to the batch
-    shell (--signal=B:USR1) reaches the ranks through srun and torchrun, they checkpoint, the
-    script requeues the job, and the requeued job (same id) resumes to the uninterrupted curve."""
+SRUN_STUB = """#!{python}
+# srun, as far as the job scripts meet it: its options dropped, the command run as its one task;
+# SIGUSR1 passed on to the task, SIGTERM answered by SIGKILL of the whole step, as real srun does.
+import signal, subprocess, sys
+import psutil
+
+args = sys.argv[1:]
+while args[0].startswith("--"):
+    args.pop(0)
+task = subprocess.Popen(args)
+
+def kill_step(*_):
+    for p in [*psutil.Process(task.pid).children(recursive=True), task]:
+        p.kill()
+
+signal.signal(signal.SIGUSR1, lambda *_: task.send_signal(signal.SIGUSR1))
+signal.signal(signal.SIGTERM, kill_step)
+sys.exit(task.wait())
+"""
+
+
+@pytest.fixture
+def slurm(tiny_job, tmp_path):
+    """slurm/tiny_cpu.sh as Slurm runs it, with srun (SRUN_STUB) and scontrol stubbed: returns
+    (the batch command, its env, the run dir, the file of requeued job ids)."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
-    (stubs / "srun").write_text('#!/usr/bin/env bash\n# stub: drop srun\'s options and become the command, '
-                                '(real srun passes signals on to it)\nwhile [[ $1 == --* ]]; do shift; done\n'
-                                'exec "$@"\n')
+    (stubs / "srun").write_text(SRUN_STUB.format(python=sys.executable))
     (stubs / "scontrol").write_text('#!/usr/bin/env bash\ncase $1 in\n  show) echo localhost ;;\n'
                                     '  requeue) echo "$2" >> "$REQUEUED" ;;\nesac\n')
     for stub in stubs.iterdir():
         stub.chmod(0o755)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     teacher, tokens = tiny_job
     run_dir = tmp_path / "run"
     env = {**ENV, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
            "SLURM_SUBMIT_DIR": str(REPO), "SLURM_CPUS_PER_TASK": "1", "PYTHON": sys.executable,
-           "MASTER_PORT": str(port), "REQUEUED": str(tmp_path / "requeued"), "WANDB_DIR": str(run_dir)}
+           "MASTER_PORT": str(free_port()), "REQUEUED": str(tmp_path / "requeued"), "WANDB_DIR": str(run_dir)}
     cmd = ["bash", str(REPO / "slurm/tiny_cpu.sh"), f"--model.teacher={teacher}", f"--data.paths=[{tokens}]",
            f"--checkpoint.dir={run_dir}", "--parallel.backend=fsdp", *LONG]
+    return cmd, env, run_dir, tmp_path / "requeued"
+
+
+def batch_job(slurm, signum: int, tmp_path) -> tuple[int, str, int]:
+    """Run the batch script, signal its shell at a random step as Slurm would: (status, output, step)."""
+    cmd, env, run_dir, _ = slurm
     at = random.randint(2, 8)
     with open(tmp_path / "job.out", "w") as log:
         job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_for_step(run_dir, at, job)
-        os.kill(job.pid, signal.SIGUSR1)  # what --signal=B:USR1@300 does near the time limit
-        assert job.wait(timeout=120) == 0
-    out = (tmp_path / "job.out").read_text()
-    assert (tmp_path / "requeued").read_text().split() == ["4242"], out[-3000:]
+        os.kill(job.pid, signum)
+        status = job.wait(timeout=120)
+    return status, (tmp_path / "job.out").read_text(), at
+
+
+def requeues(slurm) -> list[str]:
+    return slurm[3].read_text().split() if slurm[3].is_file() else []
+
+
+def test_slurm_cycle_signal_checkpoint_requeue_resume(long_reference, slurm, tmp_path):
+    """SIGUSR1 to the batch shell (--signal=B:USR1@300) reaches the ranks through srun and torchrun,
+    they checkpoint, the script requeues the job, and the requeued job (same id) resumes to the
+    uninterrupted curve."""
+    cmd, env, run_dir, _ = slurm
+    status, out, at = batch_job(slurm, signal.SIGUSR1, tmp_path)
+    assert status == 0 and requeues(slurm) == ["4242"], out[-3000:]
     stopped = assert_nothing_lost(run_dir, at)
     assert f"preempted: stopped on SIGUSR1 after step {stopped}" in out
     requeued = subprocess.run(cmd, cwd=REPO, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True)
     assert requeued.returncode == 0, requeued.stdout[-3000:]
-    assert (tmp_path / "requeued").read_text().split() == ["4242"], "a job that finished must not requeue"
+    assert requeues(slurm) == ["4242"], "a job that finished must not requeue"
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert_same_curve(records, long_reference, CURVE_KEYS)
+
+
+def test_slurm_sigterm_to_the_batch_shell_checkpoints_and_stops(slurm, tmp_path):
+    """`scancel --batch --signal=TERM`: checkpoint, no requeue; srun would kill the ranks at once
+    on a SIGTERM of its own, so the script must pass SIGUSR1 on."""
+    status, out, at = batch_job(slurm, signal.SIGTERM, tmp_path)
+    stopped = assert_nothing_lost(slurm[2], at)
+    assert f"preempted: stopped on SIGUSR1 after step {stopped}" in out, out[-3000:]
+    assert status != 0 and requeues(slurm) == [] and "training exited 75" in out
 
 
 def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed_and_a_second_job_is_refused(tiny_job, tmp_path):
