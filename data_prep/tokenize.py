@@ -33,17 +33,24 @@ def tokenize(*args, **kwargs) -> None:
     tokenize_corpus(*args, **kwargs)  # the manifest is on disk; fire would print the returned dict
 
 
+tokenize.__doc__ += """
+Other commands:
+    tokenize.py verify DIR [--mode full|fast]   check every shard of the token set DIR
+    tokenize.py merge DIR                       combine the manifests of a split run (Slurm arrays)
+"""
+
+
 @functools.wraps(merge_splits)
 def merge(*args, **kwargs) -> None:
     merge_splits(*args, **kwargs)
 
 
-def verify(output: str, mode: str = "full") -> None:
-    """Checks every shard of a token set against its manifest ("fast" or "full" checksums)."""
+def verify(dir: str, mode: str = "full") -> None:
+    """Checks every shard of the token set DIR against its manifest ("fast" or "full" checksums)."""
     from lrc_dist.data import TokenSet  # imports torch: keep it out of tokenizing (and its workers)
 
-    token_set = TokenSet.open(output, verify=mode)
-    print(f"{output}: {len(token_set.shards)} shards, {token_set.num_tokens:,} tokens verified ({mode})")
+    token_set = TokenSet.open(dir, verify=mode)
+    print(f"{dir}: {len(token_set.shards)} shards, {token_set.num_tokens:,} tokens verified ({mode})")
 
 
 def main() -> None:

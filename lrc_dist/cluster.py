@@ -6,6 +6,7 @@ exits non-zero, so with LRC_EXIT_FILE set rank 0 also writes its code to that fi
 
     0   finished (or stopped at `stop_at`), checkpoint written
     1   an unexpected error (traceback)
+    2   a bad configuration: every problem found, each naming its key, before anything loads
     65  diverged: `max_bad_steps` bad steps in a row; the message names the last good checkpoint
     69  the run directory is held by another live job (the message names it)
     75  preempted: stopped on SIGTERM/SIGUSR1/SIGINT at a step boundary, checkpoint written;
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEMPTED = 65, 69, 75
+EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEMPTED = 2, 65, 69, 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 

@@ -1,13 +1,23 @@
-"""Training configuration: one dataclass tree, read from YAML (or a Python recipe), with dotted
-command-line overrides such as `--optim.lr=3e-4 --parallel.backend=deepspeed`."""
+"""Training configuration: one dataclass tree, read from a YAML file (or a Python recipe) and typed
+command-line overrides such as `--optim.lr=3e-4 --data.paths=[a,b] --log.wandb_project=null`.
+
+The tree is the one definition. `python -m lrc_dist.train --help` lists every key with its type,
+default and doc, generated from it (jsonargparse reads the attribute docstrings), and a value from
+a file or the command line is checked against its type (ints, floats, bools, lists, optionals,
+`Literal` choices) with an error naming the key. Checks that need more than a type (ranges,
+paths, the teacher's shape) are `lrc_dist.preflight`'s.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import importlib.util
-import typing
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -16,25 +26,31 @@ from lrc_dist.losses import LossConfig
 from lrc_dist.lrc import LRCConfig
 
 
-METHODS = ("lrc", "kd", "lm")
+class ConfigError(ValueError):
+    """Problems with what the user asked for, each naming its key: printed once, exit code 2."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        head = "a problem" if len(self.problems) == 1 else f"{len(self.problems)} problems"
+        super().__init__(f"{head} with the configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 @dataclass
 class ModelConfig:
-    # lrc: Low-Rank Clone. kd: logit KD into an ordinary student (the baseline). lm: the student
-    # alone on the LM loss (pre-training; the demo makes its teacher this way).
-    method: str = "lrc"
-    teacher: str = ""  # local Hugging Face checkpoint directory of the frozen teacher
-    # kd/lm: a checkpoint dir with the student's config.json (+ tokenizer; its weights, if any, are
-    # the start). kd without it: a random student of the LRC student's shape (lrc.student_hidden_size).
-    # kd with a tokenizer.json other than the teacher's: distillation across tokenizers (align.py).
-    student: str = ""
-    dtype: str = "bfloat16"  # teacher weights and compute; trainable tensors stay fp32 masters
-    lrc: LRCConfig = field(default_factory=lambda: LRCConfig(student_hidden_size=0))
+    """The teacher, the student and how the student is trained."""
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"model.method={self.method!r}; choose from {', '.join(METHODS)}.")
+    method: Literal["lrc", "kd", "lm"] = "lrc"
+    """lrc: Low-Rank Clone; kd: logit KD into an ordinary student (the baseline); lm: the student
+    alone on the LM loss (pre-training; the demo makes its teacher this way)"""
+    teacher: str = ""
+    """local Hugging Face checkpoint directory of the frozen teacher"""
+    student: str = ""
+    """kd/lm: a checkpoint dir with the student's config.json (and tokenizer; its weights, if any,
+    are the start); kd without it: a random student of the LRC student's shape; kd with a
+    tokenizer.json other than the teacher's: distillation across tokenizers"""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """teacher weights and compute; trainable tensors stay fp32 masters"""
+    lrc: LRCConfig = field(default_factory=lambda: LRCConfig(student_hidden_size=0))
 
     def tokenizer_dir(self) -> str:
         """Where the tokenizer of the trained model's input lives: the student's dir if it has one."""
@@ -54,68 +70,110 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    paths: list[str] = field(default_factory=list)  # token-set directories written by data_prep/tokenize.py
-    weights: list[float] | None = None  # mixture weights, one per path; None: equal
+    """The token sets and how they are mixed and packed."""
+
+    paths: list[str] = field(default_factory=list)
+    """token-set directories written by data_prep/tokenize.py"""
+    weights: list[float] | None = None
+    """mixture weights, one per path; null: equal (a single path needs none)"""
     seq_len: int = 2048
+    """tokens per training window"""
     seed: int = 1234
-    verify: str = "fast"  # checksum check at open: fast | full | none
-    # cross-tokenizer KD: the most teacher tokens a window's text may take (the rest go unaligned);
-    # None: 2 * seq_len
+    """seed of the mixture's sample order"""
+    verify: Literal["fast", "full", "none"] = "fast"
+    """checksum check of the token sets at open"""
     teacher_max_len: int | None = None
+    """cross-tokenizer KD: the most teacher tokens a window's text may take (the rest go
+    unaligned); null: 2 * seq_len"""
 
 
 @dataclass
 class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
     lr: float = 1e-4
+    """peak learning rate"""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's betas"""
     eps: float = 1e-8
+    """AdamW's eps"""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay"""
     grad_clip: float = 1.0
-    schedule: str = "linear"  # warmup then linear decay (paper) | cosine
-    warmup: float = 0.005  # a fraction of the steps if < 1, else a step count
-    min_lr_ratio: float = 0.0  # the schedule ends at min_lr_ratio * lr
+    """clip the global gradient norm to this; 0: no clipping"""
+    schedule: Literal["linear", "cosine"] = "linear"
+    """after warmup: linear decay (paper) or cosine, to min_lr_ratio * lr at the last step"""
+    warmup: float = 0.005
+    """warmup length: a fraction of the steps if < 1, else a step count"""
+    min_lr_ratio: float = 0.0
+    """the schedule ends at min_lr_ratio * lr"""
 
 
 @dataclass
 class ParallelConfig:
-    backend: str = "fsdp"  # fsdp | deepspeed | none (one process, no sharding)
-    teacher: str = "auto"  # fsdp: shard | replicate | auto (replicate when it fits in a quarter of memory)
-    activation_checkpointing: bool = True  # recompute the student in backward, never the teacher
-    # LRC on several ranks: each rank generates 1/world of every W_T @ P and the ranks all-gather
-    # the result (its gradient reduce-scatters in the compute dtype). Pays when the all-gathers cost
-    # less than the matmuls saved (fast interconnect, few tokens per forward); with gloo on one CPU
-    # machine it was 2-4% slower (bench/RESULTS.md).
+    """How the job is laid out on the devices."""
+
+    backend: Literal["fsdp", "deepspeed", "none"] = "fsdp"
+    """fsdp (FSDP2), deepspeed (ZeRO) or none (one process, no sharding)"""
+    teacher: Literal["auto", "shard", "replicate"] = "auto"
+    """fsdp: shard the teacher with its blocks, replicate it, or auto (replicate when it fits in a
+    quarter of device memory)"""
+    activation_checkpointing: bool = True
+    """recompute the student in backward, never the teacher"""
     shard_generation: bool = False
+    """LRC on several ranks: each rank generates 1/world of every W_T @ P and the ranks all-gather
+    the result; pays when the all-gathers cost less than the matmuls saved (bench/RESULTS.md)"""
     deepspeed_config: str = "ds_configs/zero3.json"
-    param_dtype: str = "bfloat16"  # fsdp: compute dtype of the gathered parameters
-    reduce_dtype: str = "float32"  # fsdp: gradient reduction dtype
+    """deepspeed: the ZeRO JSON config (ds_configs/: zero3, zero2, zero3_offload)"""
+    param_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """fsdp: compute dtype of the gathered parameters"""
+    reduce_dtype: Literal["bfloat16", "float16", "float32"] = "float32"
+    """fsdp: gradient reduction dtype"""
 
 
 @dataclass
 class CheckpointConfig:
+    """Checkpoints, exports and resuming."""
+
     dir: str = "runs/lrc"
-    interval: int = 500  # steps between checkpoints (and one at the end)
-    interval_minutes: float | None = None  # also checkpoint when this much time passed since the last one
-    keep: int = 2  # newest checkpoints kept
-    export_interval: int = 0  # steps between HF exports of the student; 0: at the end only
-    resume: bool = True  # continue from dir/latest when it exists
-    # config keys (or sections, e.g. model.lrc) that may differ from the checkpoint's at this resume,
-    # beyond those that may always change (RESUME_MAY_CHANGE), e.g. [model.teacher] after a move
+    """the run directory: checkpoints, exports, metrics.jsonl, the lock"""
+    interval: int = 500
+    """steps between checkpoints (and one at the end)"""
+    interval_minutes: float | None = None
+    """also checkpoint when this much time passed since the last one; null: off"""
+    keep: int = 2
+    """newest checkpoints kept"""
+    export_interval: int = 0
+    """steps between HF exports of the student; 0: at the end only"""
+    resume: bool = True
+    """continue from dir/latest when it exists"""
     allow_changes: list[str] = field(default_factory=list)
-    lock_stale_minutes: float = 10.0  # a run-dir lock of another host not refreshed for this long is stale
+    """config keys (or sections, e.g. model.lrc) that may differ from the checkpoint's at this
+    resume, beyond those that always may (RESUME_MAY_CHANGE), e.g. [model.teacher] after a move"""
+    lock_stale_minutes: float = 10.0
+    """a run-dir lock of another host not refreshed for this long is stale"""
 
 
 @dataclass
 class LogConfig:
+    """Console, metrics.jsonl and wandb."""
+
     interval: int = 10
-    wandb_project: str | None = None  # None: no wandb
-    wandb_mode: str = "offline"  # online | offline | disabled
+    """steps between log lines; each shows the interval's means"""
+    wandb_project: str | None = None
+    """wandb project; null: no wandb"""
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    """offline needs no network (upload later with wandb sync)"""
     run_name: str | None = None
-    peak_tflops: float | None = None  # per device, for MFU; None: looked up for known GPUs
+    """the wandb run's name"""
+    peak_tflops: float | None = None
+    """peak dense TFLOP/s per device, for MFU; null: looked up for known GPUs"""
 
 
 @dataclass
 class TrainConfig:
+    """An lrc_dist training job."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -123,42 +181,99 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    steps: int = 1000  # the schedule's length
-    stop_at: int | None = None  # end this run (with a checkpoint) after this step, e.g. before a time limit
-    micro_batch_size: int = 1  # sequences per device per forward
-    global_batch_size: int = 16  # sequences per optimizer step (tokens/step = this * seq_len)
+    steps: int = 1000
+    """optimizer steps of the run (the schedule's length)"""
+    stop_at: int | None = None
+    """end this run (with a checkpoint) after this step, e.g. before a time limit; null: at steps"""
+    micro_batch_size: int = 1
+    """sequences per device per forward"""
+    global_batch_size: int = 16
+    """sequences per optimizer step (tokens per step = this * data.seq_len)"""
     seed: int = 0
-    max_bad_steps: int = 5  # consecutive bad steps (non-finite or spiking loss) before the run aborts
-    # skip a step whose loss exceeds this many times the mean loss of the last SPIKE_WINDOW good
-    # steps (counted as a bad step); None: off
+    """seed of the initialisation"""
+    max_bad_steps: int = 5
+    """consecutive bad steps (non-finite or spiking loss) before the run aborts"""
     loss_spike_factor: float | None = None
-    device: str = "auto"  # auto | cpu | cuda
+    """skip a step whose loss exceeds this many times the mean loss of the last 50 good steps (a bad
+    step); null: off"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available"""
 
 
-def build(cls, data: dict, where: str = ""):
-    """Instantiate dataclass `cls` from nested dicts; unknown keys are errors that list the options."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+# ---- reading a config --------------------------------------------------------------------------
+
+
+@functools.cache
+def arg_parser():
+    """The command line of `python -m lrc_dist.train`, generated from the TrainConfig tree."""
+    from jsonargparse import ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(
+        prog="python -m lrc_dist.train", exit_on_error=False, default_env=False,
+        usage="python -m lrc_dist.train [CONFIG] [--KEY=VALUE ...]   (under torchrun: torchrun ... -m lrc_dist.train ...)",
+        description="Train an LRC student (or a KD / LM baseline). CONFIG is a YAML file or a .py recipe "
+                    "defining `config` (see configs/); every key below overrides it, e.g. --optim.lr=3e-4, "
+                    "--data.paths=[a,b], --log.wandb_project=null. Exit codes: 0 done, 2 bad configuration, "
+                    "65 diverged, 69 run dir in use, 75 preempted (run again to resume).")
+    parser.add_argument("config", nargs="?", type=str, help="a YAML file or .py recipe; its values are the defaults")
+    parser.add_class_arguments(TrainConfig, nested_key=None, fail_untyped=True, sub_configs=False)
+    return parser
+
+
+def read_tree(path: str | Path) -> dict:
+    """The nested dict of a YAML config or of a Python recipe (a module defining `config`)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config {path} does not exist; pass a YAML file or a .py recipe (see configs/).")
+    if file.suffix == ".py":
+        spec = importlib.util.spec_from_file_location(file.stem, file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return to_dict(module.config)
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(tree).__name__}.")
+    return tree
+
+
+def keys() -> list[str]:
+    """Every dotted key of the tree."""
+    return sorted(flatten(to_dict(TrainConfig())))
+
+
+def _explain(error: Exception, source: str) -> ConfigError:
+    """jsonargparse's message, worded for a user: the key, and for an unknown one the nearest."""
+    text = str(error).strip()
+    unknown = re.search(r"Group '([\w.]+)' does not accept option '(\w+)'", text)
     if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(where + k for k in unknown)}; "
-                         f"{where or 'top level'} accepts {sorted(names)}.")
-    kwargs = {}
-    for name, value in data.items():
-        kind = hints[name]
-        origin = typing.get_origin(kind)
-        if dataclasses.is_dataclass(kind):
-            kwargs[name] = build(kind, value or {}, f"{where}{name}.")
-            continue
-        if isinstance(value, str) and (origin in (list, tuple) or list in typing.get_args(kind)):
-            # The command line gives `--data.paths=[a,b]` or `--data.paths=a,b` as a plain string.
-            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-        kwargs[name] = tuple(value) if origin is tuple and isinstance(value, list) else value
-    return cls(**kwargs)
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+        wrong = [f"{unknown[1]}.{unknown[2]}"]
+    elif m := re.search(r"unrecognized arguments: (.*)", text):
+        wrong = [a.split("=", 1)[0].lstrip("-") for a in m[1].split() if a.startswith("--")]
+    elif m := re.search(r"Key '([\w.]+)' is not expected", text):
+        wrong = [m[1]]
+    else:
+        m = re.search(r'Parser key "([\w.]+)":\s*Expected a (.*?)\. Got value: (.*)', text, re.S)
+        union = re.search(r'Parser key "([\w.]+)":.*Subtypes: \[(.*?)\]\n.*Given value: (.*)', text, re.S)
+        if union:
+            types = re.sub(r"<class '(\w+)'>", r"\1", union[2]).replace("NoneType", "null").split(", ")
+            return ConfigError(f"{union[1]}: expected {' or '.join(types)}, got {union[3].strip()} ({source})")
+        if not m:
+            return ConfigError(f"{text} ({source})")
+        expected = re.sub(r"<class '(\w+)'>", r"\1", m[2])
+        if choices := re.fullmatch(r"typing\.Literal\[(.*)\]", expected):
+            expected = "one of " + choices[1].replace("'", "")
+        return ConfigError(f"{m[1]}: expected {expected}, got {m[3].strip()!r} ({source})")
+    known = keys()
+    problems = []
+    for key in wrong:
+        near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(near)}?" if near else "; `--help` lists every key"
+        problems.append(f"unknown config key {key} ({source}){hint}")
+    return ConfigError(problems)
 
 
 def set_dotted(tree: dict, key: str, value) -> None:
@@ -168,24 +283,52 @@ def set_dotted(tree: dict, key: str, value) -> None:
     tree[leaf] = value
 
 
+def config_of(tree: dict, source: str = "the config") -> TrainConfig:
+    """A TrainConfig from a nested dict, its values checked against the tree's types."""
+    from jsonargparse import ArgumentError
+
+    parser = arg_parser()
+    try:
+        return _instantiate(parser.parse_object(tree))
+    except (ArgumentError, TypeError, ValueError) as e:
+        raise _explain(e, source) from None
+
+
+def _instantiate(namespace) -> TrainConfig:
+    values = arg_parser().instantiate(namespace)
+    return TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)})
+
+
 def load_config(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
-    """A TrainConfig from a YAML file or a Python recipe (a module defining `config`), plus overrides."""
-    tree: dict = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"config {path} does not exist; pass a YAML file or a .py recipe (see configs/).")
-        if file.suffix == ".py":
-            spec = importlib.util.spec_from_file_location(file.stem, file)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            tree = to_dict(module.config)
-        else:
-            tree = yaml.safe_load(file.read_text()) or {}
+    """A TrainConfig from a YAML file or a Python recipe, plus dotted overrides (Python values)."""
+    tree = read_tree(path) if path is not None else {}
     for key, value in (overrides or {}).items():
         set_dotted(tree, key, value)
-    return build(TrainConfig, tree)
+    source = f"{path} and its overrides" if path and overrides else str(path) if path else "the overrides"
+    return config_of(tree, source)
 
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """The command line: `[CONFIG] [--dotted.key=value ...]`; `--help` prints every key and exits."""
+    from jsonargparse import ArgumentError
+
+    parser = arg_parser()
+    path = argv[0] if argv and not argv[0].startswith("-") else None
+    try:
+        base = parser.parse_object(read_tree(path)) if path else None
+    except (ArgumentError, TypeError, ValueError) as e:
+        raise _explain(e, path) from None
+    try:
+        return _instantiate(parser.parse_args(argv[1:] if path else argv, namespace=base))
+    except (ArgumentError, TypeError, ValueError) as e:
+        raise _explain(e, "the command line") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---- resuming ----------------------------------------------------------------------------------
 
 # Keys a resume may change freely: the run's length, logging, checkpointing, and how the same
 # computation is laid out on the devices (the curve is the same to rounding).

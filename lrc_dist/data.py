@@ -125,25 +125,31 @@ class TokenSet:
         mismatch is an error by default. If the files are known to differ only in ways that keep
         the ids (a re-save that changed formatting or defaults), pass on_mismatch="warn".
         """
-        max_id = max(s["max_token_id"] for s in self.manifest["shards"])
-        tokenizer = self.manifest["tokenizer"]
-        if max_id >= vocab_size or tokenizer["vocab_size"] > vocab_size:
-            raise ValueError(
-                f"{self.path} was tokenized with {tokenizer['name']} (vocab {tokenizer['vocab_size']}, ids up to "
+        size, tokenizer = misfit(self.path, self.manifest, vocab_size, tokenizer_dir)
+        if size:
+            raise ValueError(size)
+        if tokenizer and on_mismatch == "error":
+            raise ValueError(tokenizer)
+        if tokenizer:
+            warnings.warn(tokenizer, stacklevel=2)
+
+
+def misfit(path: Path, manifest: dict, vocab_size: int, tokenizer_dir: str | Path | None) -> tuple[str | None, str | None]:
+    """How the token set at `path` (its `manifest`) does not fit a model of `vocab_size` with the
+    tokenizer in `tokenizer_dir`: (ids beyond the vocabulary, another tokenizer), each None if fine."""
+    max_id = max((s["max_token_id"] for s in manifest["shards"]), default=-1)
+    tokenizer = manifest["tokenizer"]
+    size = other = None
+    if max_id >= vocab_size or tokenizer["vocab_size"] > vocab_size:
+        size = (f"{path} was tokenized with {tokenizer['name']} (vocab {tokenizer['vocab_size']}, ids up to "
                 f"{max_id}) but the teacher has vocab_size {vocab_size}: token ids would fall outside its "
-                "embedding. Retokenize the corpus with the teacher's tokenizer"
-            )
-        if tokenizer_dir is None:
-            return
+                "embedding. Retokenize the corpus with the teacher's tokenizer")
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
         sha = tokenizer_sha256(Path(tokenizer_dir) / "tokenizer.json")
         if sha != tokenizer["sha256"]:
-            message = (
-                f"{self.path} was tokenized with {tokenizer['path']} (sha256 {tokenizer['sha256'][:12]}), "
-                f"not the teacher's {tokenizer_dir} (sha256 {sha[:12]}): retokenize with the teacher's tokenizer"
-            )
-            if on_mismatch == "error":
-                raise ValueError(message)
-            warnings.warn(message, stacklevel=2)
+            other = (f"{path} was tokenized with {tokenizer['path']} (sha256 {tokenizer['sha256'][:12]}), "
+                     f"not the teacher's {tokenizer_dir} (sha256 {sha[:12]}): retokenize with the teacher's tokenizer")
+    return size, other
 
 
 def _reserve_file_descriptors(count: int) -> None:

@@ -53,7 +53,7 @@ def perplexity(model_dir: str, tokens: str, seq_len: int = 512, max_windows: int
     """{"perplexity", "nll", "tokens"} of the model on token set `tokens` (non-overlapping windows)."""
     token_set = TokenSet.open(tokens)
     model = load_model(model_dir, dtype, device)
-    token_set.check_teacher(model.config.vocab_size, model_dir if (Path(model_dir) / "tokenizer.json").is_file() else None)
+    token_set.check_teacher(model.config.vocab_size, model_dir)
     windows = token_set.num_tokens // (seq_len + 1)
     if windows == 0:
         raise ValueError(f"{tokens} holds {token_set.num_tokens} tokens: fewer than one window of {seq_len + 1}.")

@@ -30,7 +30,7 @@ from huggingface_hub import save_torch_state_dict
 
 from lrc_dist.build import DistillationModel, build_model, dtype_of
 from lrc_dist.checkpoint import LATEST, TRAIN_STATE, Checkpointer, CheckpointDamaged, damage, read_train_state
-from lrc_dist.config import TrainConfig, build
+from lrc_dist.config import TrainConfig, config_of
 from lrc_dist.kd import KnowledgeDistillation
 from lrc_dist.lrc import LRC_CONFIG_FILE, LowRankClone, load_lrc, read_lrc_meta, save_lrc
 from lrc_dist.model import CheckpointError
@@ -199,7 +199,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, teacher: str | No
     if problems:
         name, what = sorted(problems.items())[0]
         raise CheckpointDamaged(f"{path / name}: {what}; export an earlier checkpoint of the run instead.")
-    cfg = build(TrainConfig, state["config"])
+    cfg = config_of(state["config"], str(path / TRAIN_STATE))
     if teacher:
         cfg.model.teacher = teacher
     model = build_model(cfg, dtype=torch.float32)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -29,19 +29,37 @@ IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB fp32 each for student and teacher)
 
 
+# The logit divergences D(teacher || student) of DIVERGENCES, by name.
+Divergence = Literal["forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "adaptive_kl", "tvd"]
+
+
 @dataclass
 class LossConfig:
+    """Loss terms: lm_weight * LM + kl_weight * D(teacher || student) + clone_weight * clone terms
+    (+ dskd_weight * DSKD); every term is a mean over labelled tokens."""
+
     lm_weight: float = 1.0
+    """weight of the student's next-token cross-entropy"""
     kl_weight: float = 1.0
-    clone_weight: float = 0.5  # alpha; the paper uses 0.2 (1.5B) or 0.5 (1.7B, 4B)
-    temperature: float = 40.0  # softmax temperature of the KL term (paper: 40)
-    divergence: str = "forward_kl"  # the logit term D(teacher || student): see DIVERGENCES
-    skew: float = 0.1  # lambda of the skewed KL divergences
-    chunk_tokens: int | None = None  # tokens per chunk of the head losses; None: ~CHUNK_ELEMENTS logits
-    dskd_weight: float = 0.0  # weight of the dual-space KD loss (lrc_dist.dskd); 0 disables it
-    dskd_temperature: float = 2.0  # softmax temperature of the DSKD divergences (no T^2 factor)
-    dskd_divergence: str = "forward_kl"  # D of both DSKD spaces: see DIVERGENCES
-    dskd_mask: bool = True  # student-space KD only where the projected teacher keeps the teacher's argmax
+    """weight of the logit divergence (the recipes use seq_len: the paper sums the KL over positions)"""
+    clone_weight: float = 0.5
+    """alpha, the weight of the activation clone terms; the paper uses 0.2 (1.5B) or 0.5 (1.7B, 4B)"""
+    temperature: float = 40.0
+    """softmax temperature of the logit divergence (paper: 40)"""
+    divergence: Divergence = "forward_kl"
+    """the logit term D(teacher || student); forward_kl is the paper's"""
+    skew: float = 0.1
+    """lambda of the skewed KL divergences"""
+    chunk_tokens: int | None = None
+    """tokens per chunk of the head losses; null: about 2^25 logits per chunk"""
+    dskd_weight: float = 0.0
+    """weight of the dual-space KD loss (lrc_dist.dskd); 0 disables it"""
+    dskd_temperature: float = 2.0
+    """softmax temperature of the DSKD divergences (no T^2 factor)"""
+    dskd_divergence: Divergence = "forward_kl"
+    """D of both DSKD spaces"""
+    dskd_mask: bool = True
+    """student-space KD only where the projected teacher keeps the teacher's argmax"""
 
 
 @dataclass
@@ -116,6 +134,9 @@ DIVERGENCES = {
     "adaptive_kl": adaptive_kl,
     "tvd": total_variation,
 }
+
+
+assert set(get_args(Divergence)) == set(DIVERGENCES), "loss.Divergence must name every divergence"
 
 
 def divergence_fn(name: str, skew: float, field: str = "divergence"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,18 +41,30 @@ CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
 INPUT_SIDE = ("q", "k", "v", "gate", "up")  # student weight W_T @ P; output side (o, down) is P^T @ W_T
 
 
+CloneTerm = Literal["q", "k", "v", "gate", "up", "attn_out", "ffn_out"]
+
+
 @dataclass
 class LRCConfig:
-    student_hidden_size: int
-    rms_norm_eps: float | None = None  # the student's norms; None keeps the teacher's
-    clone_terms: tuple[str, ...] = CLONE_TERMS  # which activation clone terms to compute
-    # "student": attention output compared as o_S vs o_T @ P_o (paper, Algorithm 1);
-    # "teacher": the student's attention mixed through the teacher's o_proj vs o_T (reference code).
-    attn_out_space: str = "student"
-    shared_attn_proj: bool = False  # paper's "IO" attention: one input projection for q, k, v
-    shared_ffn_proj: bool = False  # paper's "IO" FFN: one input projection for gate, up
-    init_std: float = 0.02  # projections ~ N(0, init_std), as in the reference
-    clone_term_weights: dict[str, float] = field(default_factory=dict)  # missing terms weigh 1
+    """The LRC student: its width and the activation clone terms."""
+
+    student_hidden_size: int = 0
+    """d_S, the student's hidden size (at most the teacher's; LRC and the default KD student need it)"""
+    rms_norm_eps: float | None = None
+    """eps of the student's RMSNorms; null keeps the teacher's"""
+    clone_terms: tuple[CloneTerm, ...] = CLONE_TERMS
+    """which activation clone terms to compute"""
+    attn_out_space: Literal["student", "teacher"] = "student"
+    """student: attention output compared as o_S vs o_T @ P_o (paper, Algorithm 1); teacher: the
+    student's attention mixed through the teacher's o_proj vs o_T (reference code)"""
+    shared_attn_proj: bool = False
+    """the paper's "IO" attention: one input projection for q, k, v"""
+    shared_ffn_proj: bool = False
+    """the paper's "IO" FFN: one input projection for gate, up"""
+    init_std: float = 0.02
+    """projections ~ N(0, init_std), as in the reference"""
+    clone_term_weights: dict[str, float] = field(default_factory=dict)
+    """a weight per clone term; missing terms weigh 1"""
 
     def __post_init__(self):
         self.clone_terms = tuple(self.clone_terms)

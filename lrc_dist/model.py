@@ -331,7 +331,7 @@ def resized_config(config: PretrainedConfig, hidden_size: int, head_dim: int, rm
     below = next((w for w in range(hidden_size - 1, 0, -1) if accepted(w)), None)
     above = next((w for w in range(hidden_size + 1, config.hidden_size + 1) if accepted(w)), None)
     near = " or ".join(str(w) for w in (below, above) if w is not None) or "none"
-    raise ValueError(f"student width {hidden_size} (lrc.student_hidden_size): transformers' {type(config).__name__} "
+    raise ValueError(f"student width {hidden_size}: transformers' {type(config).__name__} "
                      f"rejects it ({reason}), so the student could not be exported; nearest widths that work: {near}.")
 
 

@@ -22,16 +22,16 @@ import sys
 import time
 from pathlib import Path
 
-import fire
 import torch
 import torch.distributed as dist
 
 from lrc_dist.align import TeacherRetokenizer
 from lrc_dist.build import build_model
 from lrc_dist.checkpoint import Checkpointer, agreed, read_train_state
-from lrc_dist.cluster import EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEMPTED, RunDirLocked, StopSignals, \
+from lrc_dist.cluster import EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEMPTED, RunDirLocked, StopSignals, \
     die_with_launcher, lock_run_dir
-from lrc_dist.config import TrainConfig, load_config, resume_changes, to_dict
+from lrc_dist import preflight
+from lrc_dist.config import ConfigError, TrainConfig, parse_args, resume_changes, to_dict
 from lrc_dist.data import DistributedBatches, PackedMixture, TokenSet
 from lrc_dist.export import export_run
 from lrc_dist.metrics import MetricsLogger, memory_gb, peak_flops
@@ -80,10 +80,10 @@ def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int,
     if not d.paths:
         raise ValueError("data.paths is empty: pass token-set directories written by data_prep/tokenize.py.")
     sets = [TokenSet.open(p, verify=d.verify) for p in d.paths]
-    tokenizer = Path(cfg.model.tokenizer_dir()) / "tokenizer.json"
     for token_set in sets:
-        token_set.check_teacher(vocab_size, tokenizer.parent if tokenizer.is_file() else None)
-    mixture = PackedMixture(sets, d.weights or [1.0] * len(sets), d.seq_len, seed=d.seed,
+        token_set.check_teacher(vocab_size, cfg.model.tokenizer_dir())
+    weights = d.weights if d.weights and len(sets) > 1 else [1.0] * len(sets)  # one set needs no weight
+    mixture = PackedMixture(sets, weights, d.seq_len, seed=d.seed,
                             num_samples=cfg.steps * cfg.global_batch_size)
     batches = iter(DistributedBatches(mixture, cfg.micro_batch_size, rank, world_size, consumed_samples))
     if not cross_tokenizer:
@@ -110,14 +110,14 @@ def check_resume(saved: dict, path: Path, cfg: TrainConfig, info: DistInfo) -> N
     """Refuse, before any heavy work, a resume that would not continue the checkpoint's run."""
     changes = resume_changes(saved.get("config", {}), cfg)
     if changes:
-        raise ValueError(
+        raise ConfigError(
             f"{path} was written with another config; changed: {'; '.join(changes)}. Resume with the checkpoint's "
             f"values, train in another checkpoint.dir, or allow these changes with "
             f"--checkpoint.allow_changes=[{','.join(c.split(':')[0] for c in changes)}] (steps, stop_at, log.*, "
             f"checkpoint.* and the device layout may always change; see config.RESUME_MAY_CHANGE).")
     written = saved.get("world_size", info.world_size)
     if cfg.parallel.backend == "deepspeed" and written != info.world_size:
-        raise ValueError(
+        raise ConfigError(
             f"{path} is a DeepSpeed ZeRO checkpoint of {written} ranks and this run has {info.world_size}: ZeRO's "
             f"optimizer shards only load on the world size that wrote them. Resume on {written} ranks (the DCP "
             f"checkpoints of parallel.backend=fsdp reshard to any world size).")
@@ -145,6 +145,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     when a stop signal ended it early (with a checkpoint), NonFiniteLossError when it diverged."""
     die_with_launcher()
     info = init_distributed(cfg.device)
+    preflight.check(cfg, info.world_size)
     with StopSignals() as stop, lock_run_dir(cfg.checkpoint.dir, info, cfg.checkpoint.lock_stale_minutes * 60):
         return _train(cfg, info, stop)
 
@@ -280,15 +281,17 @@ def take_step(backend, micro: list[dict], cfg: TrainConfig, info: DistInfo, stat
     return None, backend.step(), sums
 
 
-def main(config: str | None = None, **overrides) -> None:
-    """Train an LRC student. CONFIG is a YAML file or .py recipe; overrides are dotted, e.g. --optim.lr=3e-4.
-    Exit codes: 0 done, 65 diverged, 69 run dir in use, 75 preempted (rerun to resume); see lrc_dist.cluster.
-    With LRC_EXIT_FILE set, rank 0 also writes its exit code there (torchrun reports only 0 or 1)."""
-    cfg = load_config(config, overrides)
+def main(argv: list[str] | None = None) -> None:
+    """`python -m lrc_dist.train [CONFIG] [--key=value ...]` (`--help` lists every key). Exit codes: 0
+    done, 2 bad configuration, 65 diverged, 69 run dir in use, 75 preempted (rerun to resume); see
+    lrc_dist.cluster. With LRC_EXIT_FILE set, rank 0 also writes its exit code there (torchrun
+    reports only 0 or 1). A user error is one message from rank 0, not a traceback per rank."""
     code, message = 1, None  # 1 unless something below says otherwise
     try:
-        train(cfg)
+        train(parse_args(sys.argv[1:] if argv is None else argv))
         code = 0
+    except ConfigError as e:
+        code, message = EXIT_CONFIG, f"error: {e}"
     except Preempted as e:
         code, message = EXIT_PREEMPTED, f"preempted: {e}"
     except NonFiniteLossError as e:
@@ -308,4 +311,4 @@ def main(config: str | None = None, **overrides) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    main()

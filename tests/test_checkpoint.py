@@ -4,6 +4,7 @@ checkpoint, one job holds a run dir, and exports are atomic."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import assert_same_curve, build_checkpoint
 from lrc_dist.checkpoint import Checkpointer, CheckpointDamaged
 from lrc_dist.cluster import RunDirLocked, RunLock
+from lrc_dist.config import ConfigError
 from lrc_dist.lrc import LowRankClone, LRCConfig
 from lrc_dist.model import CausalLM
 from lrc_dist.train import NonFiniteLossError, main, train
@@ -96,13 +98,14 @@ def test_a_resume_past_a_damaged_latest_continues_the_curve(one_process, tiny_jo
 
 
 def test_resume_with_another_config_is_refused_listing_the_keys(one_process, tiny_job, tmp_path):
-    train(tiny_cfg(tiny_job, tmp_path, stop_at=2))
-    with pytest.raises(ValueError, match=r"changed: data.seq_len: 32 -> 16; model.teacher: .* -> .*elsewhere.*"
-                                         r"allow_changes=\[data.seq_len,model.teacher\]"):
-        train(tiny_cfg(tiny_job, tmp_path, **{"data.seq_len": 16, "model.teacher": "/elsewhere"}))
+    train(tiny_cfg(tiny_job, tmp_path / "run", stop_at=2))
+    moved = shutil.copytree(tiny_job[0], tmp_path / "moved")  # the same teacher elsewhere: still a change
+    with pytest.raises(ConfigError, match=r"changed: data.seq_len: 32 -> 16; model.teacher: .* -> .*moved.*"
+                                          r"allow_changes=\[data.seq_len,model.teacher\]"):
+        train(tiny_cfg(tiny_job, tmp_path / "run", **{"data.seq_len": 16, "model.teacher": str(moved)}))
     # the run's length and layout may change by design: extend it, with another micro batch
-    train(tiny_cfg(tiny_job, tmp_path, steps=7, micro_batch_size=1, **{"log.interval": 2}))
-    assert records(tmp_path)[-1]["step"] == 7
+    train(tiny_cfg(tiny_job, tmp_path / "run", steps=7, micro_batch_size=1, **{"log.interval": 2}))
+    assert records(tmp_path / "run")[-1]["step"] == 7
 
 
 def test_a_resume_after_lost_steps_logs_each_step_once_and_keeps_the_wandb_run(one_process, tiny_job, tmp_path,
@@ -281,7 +284,7 @@ def test_the_trainer_refuses_a_run_dir_in_use_before_loading_anything(one_proces
     teacher, tokens = tiny_job
     try:
         with pytest.raises(SystemExit) as exit_info:
-            main(TINY, **{"model.teacher": teacher, "data.paths": [tokens], "checkpoint.dir": str(tmp_path)})
+            main([TINY, f"--model.teacher={teacher}", f"--data.paths=[{tokens}]", f"--checkpoint.dir={tmp_path}"])
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -315,7 +318,7 @@ def test_export_is_atomic_and_a_resume_redoes_a_missing_one(one_process, tiny_jo
 
 def test_a_width_the_family_cannot_export_is_refused_before_training(tmp_path):
     teacher = CausalLM.from_pretrained(build_checkpoint(tmp_path / "llama", "llama3"))  # 4 heads, width 64
-    with pytest.raises(ValueError, match=r"student width 30 .*not a multiple of the number of attention heads.*"
+    with pytest.raises(ValueError, match=r"student width 30: .*not a multiple of the number of attention heads.*"
                                          r"nearest widths that work: 28 or 32"):
         LowRankClone(teacher, LRCConfig(student_hidden_size=30))
     LowRankClone(CausalLM.from_pretrained(build_checkpoint(tmp_path / "qwen", "qwen2")), LRCConfig(30))  # Qwen2 can

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_same_curve
 from lrc_dist.checkpoint import Checkpointer
-from lrc_dist.config import load_config
+from lrc_dist.config import ConfigError, load_config
 from lrc_dist.parallel import deepspeed_config
 from lrc_dist.train import NonFiniteLossError, lr_at, train
 
@@ -91,7 +91,7 @@ def test_deepspeed_zero2_curve(reference, tiny_job, tmp_path):
 
 
 POISONED_TRAIN = """
-import os, fire
+import os
 from lrc_dist.lrc import LowRankClone
 from lrc_dist.train import main
 
@@ -104,7 +104,7 @@ def poisoned(self, *args, **kwargs):  # NaN loss on forward call POISON_CALL of 
     return (loss * float("nan"), metrics) if hit else (loss, metrics)
 
 LowRankClone.forward = poisoned
-fire.Fire(main)
+main()
 """
 
 
@@ -189,9 +189,9 @@ def test_checkpoints_are_atomic_and_pruned(one_process, tmp_path):
 
 
 def test_config_errors(tiny_job, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['optim.lrr'\]"):
+    with pytest.raises(ConfigError, match=r"unknown config key optim.lrr \(.*tiny_cpu.yaml and its overrides\)"):
         tiny_cfg(tiny_job, tmp_path, **{"optim.lrr": 1})
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="config configs/nope.yaml does not exist"):
         load_config("configs/nope.yaml")
     (tmp_path / "zero0.json").write_text('{"zero_optimization": {"stage": 0}}')
     with pytest.raises(ValueError, match="needs zero_optimization.stage >= 1"):
