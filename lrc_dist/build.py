@@ -7,6 +7,7 @@ import torch
 
 from lrc_dist.align import vocab_overlap
 from lrc_dist.config import TrainConfig
+from lrc_dist.dskd import projector_lr_scale
 from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
 from lrc_dist.lrc import LowRankClone
 from lrc_dist.model import CausalLM
@@ -43,4 +44,5 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Distillat
         model.init_weights(cfg.seed)
     if cfg.loss.dskd_weight:
         model.enable_dual_space()
+        model.dual_space.lr_scale = cfg.optim.dskd_projector_lr_scale or projector_lr_scale(model)
     return model

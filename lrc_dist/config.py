@@ -107,6 +107,9 @@ class OptimConfig:
     """warmup length: a fraction of the steps if < 1, else a step count"""
     min_lr_ratio: float = 0.0
     """the schedule ends at min_lr_ratio * lr"""
+    dskd_projector_lr_scale: float | None = None
+    """DSKD's t2s projector learns at this multiple of lr; null: rms(t2s) / rms(the student's
+    weights) at init, so that it keeps pace with the head it decodes through (lrc_dist.dskd)"""
 
 
 @dataclass

@@ -150,6 +150,7 @@ def run_training(run_dir: Path, p: dict, steps: int, lr: float, overrides: dict)
     """Train (or reuse a finished run); returns its final HF export."""
     export = run_dir / f"export_{steps:08d}" / "hf"
     if (export / "config.json").is_file():
+        print(f"   reused: {run_dir} finished before", flush=True)
         return export
     cfg = load_config(None, {
         "model.dtype": "float32", "parallel.backend": "none", "parallel.activation_checkpointing": False,
@@ -183,13 +184,17 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
         train_docs = [d for d, total in zip(train_docs, sizes) if total <= budget]
         held_out = held_out[: max(4, len(held_out) // 10)]
     teacher_init = root / "teacher_init"
-    if not (teacher_init / "tokenizer.json").is_file():
+    if (teacher_init / "tokenizer.json").is_file():
+        print(f"   reused: the tokenizer in {teacher_init}", flush=True)
+    else:
         write_jsonl(root / "train.jsonl", train_docs)
         write_jsonl(root / "held_out.jsonl", held_out)
         train_tokenizer(root / "train.jsonl", teacher_init, p["vocab"])
         write_teacher_config(teacher_init, p)
     for name in ("train", "held_out"):
-        if not (root / "tokens" / name / "manifest.json").is_file():
+        if (root / "tokens" / name / "manifest.json").is_file():
+            print(f"   reused: the token set {root / 'tokens' / name}", flush=True)
+        else:
             tokenize_corpus(str(root / f"{name}.jsonl"), str(teacher_init), str(root / "tokens" / name), workers=1,
                             progress=False)
     data = {"data.paths": [str(root / "tokens" / "train")]}
@@ -208,12 +213,20 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
 
     print("== 4/5 evaluation (transformers loads each export)", flush=True)
     results = {}
-    for name, path in exports.items():
-        ppl = perplexity(str(path), str(root / "tokens" / "held_out"), seq_len=p["seq_len"],
-                         max_windows=p["eval_windows"], progress=False)
-        task = choice(str(path), str(TASK), progress=False)
-        results[name] = {"perplexity": ppl["perplexity"], "cloze_acc": task["acc"], "cloze_acc_norm": task["acc_norm"],
-                         "params": _params(path)}
+    for i, (name, path) in enumerate(exports.items(), 1):
+        cached, tick = path.parent / "eval.json", time.perf_counter()
+        if cached.is_file():
+            results[name], how = json.loads(cached.read_text()), "reused"
+        else:
+            ppl = perplexity(str(path), str(root / "tokens" / "held_out"), seq_len=p["seq_len"],
+                             max_windows=p["eval_windows"], progress=False)
+            task = choice(str(path), str(TASK), progress=False)
+            results[name] = {"perplexity": ppl["perplexity"], "cloze_acc": task["acc"],
+                             "cloze_acc_norm": task["acc_norm"], "params": _params(path)}
+            cached.write_text(json.dumps(results[name]))
+            how = f"{time.perf_counter() - tick:.0f} s"
+        print(f"   [{i}/{len(exports)}] {name}: perplexity {results[name]['perplexity']:.2f}, "
+              f"cloze acc {results[name]['cloze_acc']:.3f} ({how})", flush=True)
     train_tokens = p["student_steps"] * p["batch"] * p["seq_len"]
     table = summary_table(results, train_tokens, p, students)
     (root / "results.json").write_text(json.dumps(results, indent=2))
@@ -261,7 +274,7 @@ def plot_losses(runs: dict[str, Path], out: Path) -> None:
     for ax, term in zip(axes.flat, terms):
         for i, (name, recs) in enumerate(records.items()):
             points = [(r["step"], r[term]) for r in recs if r.get(term) is not None]
-            if points and any(v for _, v in points):  # a run without this term (e.g. no teacher: kl 0)
+            if points and any(v for _, v in points):  # a run without this term
                 ax.plot(*zip(*points), label=name, color=f"C{i}")
         ax.set_title(term)
         ax.set_xlabel("step")

@@ -58,6 +58,7 @@ class DualSpaceProjector(nn.Module):
     def __init__(self, d_teacher: int, d_student: int):
         super().__init__()
         self.t2s = nn.Parameter(torch.randn(d_teacher, d_student) * d_teacher**-0.5)
+        self.lr_scale = 1.0  # t2s's learning rate as a multiple of the schedule's (see projector_lr_scale)
         # pinv(w_t^T w_t) [d_T, d_T] of the frozen teacher head: computed once, never checkpointed
         self.register_buffer("teacher_gram_pinv", None, persistent=False)
 
@@ -170,3 +171,20 @@ def dskd_losses(
     metrics = {"dskd": total.detach(), "dskd/kd_stu": kd_stu, "dskd/ce_t2s": ce_t2s, "dskd/kd_tea": kd_tea,
                "dskd/agree": sums[3] / normalizer}
     return cfg.dskd_weight * total, metrics
+
+
+def projector_lr_scale(model: nn.Module) -> float:
+    """rms(t2s) / rms(the student's trainable matrices), at initialisation: t2s's learning-rate
+    multiple that makes Adam, which moves every entry by about lr per step, change it as fast
+    relative to its size as the weights whose head it decodes through.
+
+    Without it t2s, ideally initialised with entries some 50x the projections' (LRC) or a random
+    student's, hardly moves at their learning rate, while the student head grows several-fold in
+    the first steps; the projected teacher then stops predicting the teacher's token, and the
+    agreement mask switches the student-space term off (the demo: dskd/agree 0.95 -> 0 in 10 steps).
+    """
+    def rms(tensors: list[Tensor]) -> float:
+        return (sum(float(t.detach().float().pow(2).sum()) for t in tensors) / sum(t.numel() for t in tensors)) ** 0.5
+
+    others = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and not n.startswith("dual_space.")]
+    return rms([model.dual_space.t2s]) / rms(others)

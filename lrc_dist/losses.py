@@ -232,7 +232,7 @@ def logit_losses(
     """lm_weight * LM + kl_weight * D(teacher || student) (`head_losses`), plus dskd_weight * the
     DSKD objective (dskd.py) when that weight is set: (total, {"lm", "kl"[, "dskd", "dskd/..."]})."""
     total, lm, kl = head_losses(h_s, w_s, h_t, w_t, labels, cfg, normalizer)
-    metrics = {"lm": lm, "kl": kl}
+    metrics = {"lm": lm, "kl": kl} if h_t is not None and cfg.kl_weight else {"lm": lm}  # no KL term: none shown
     if cfg.dskd_weight:
         from lrc_dist.dskd import dskd_losses  # dskd.py builds on this module
 

@@ -102,7 +102,7 @@ class MetricsLogger:
             self.wandb = wandb.init(project=wandb_project, name=run_name, mode=wandb_mode, config=config,
                                     dir=str(run_dir), id=run_id, resume="allow")
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], total_steps: int | None = None) -> None:
         if not self.is_main:
             return
         record = {"step": step, **metrics}
@@ -110,9 +110,7 @@ class MetricsLogger:
         self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        shown = ("loss", "lm", "kl", "clone", "grad_norm", "lr", "tokens_per_s_per_device", "mfu", "memory_gb")
-        print(f"step {step:>7} | " + " | ".join(f"{k} {metrics[k]:.4g}" for k in shown if metrics.get(k) is not None),
-              flush=True)
+        print(console_line(step, total_steps, metrics), flush=True)
 
     def close(self) -> None:
         if self.is_main:
@@ -126,3 +124,63 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return float("inf")  # a line torn by a crash: dropped
+
+
+# ---- a log interval's numbers -------------------------------------------------------------------
+
+
+def new_interval(previous: dict | None = None) -> dict:
+    """The sums of one log interval (JSON, so that a checkpoint carries them across a resume)."""
+    return {"sums": {}, "good": 0, "skipped": 0, "keys": previous["keys"] if previous else []}
+
+
+def add_to_interval(interval: dict, metrics: dict[str, float]) -> None:
+    """A good step's metrics."""
+    interval["good"] += 1
+    for key, value in metrics.items():
+        interval["sums"][key] = interval["sums"].get(key, 0.0) + value
+    interval["keys"] = sorted(set(interval["keys"]) | set(metrics))
+
+
+def interval_means(interval: dict) -> dict[str, float]:
+    """The mean of every metric over the interval's good steps (NaN when all were skipped), and
+    the count of skipped steps."""
+    n = interval["good"]
+    means = {k: interval["sums"].get(k, 0.0) / n if n else float("nan") for k in interval["keys"]}
+    return {**means, "skipped_steps": interval["skipped"]}
+
+
+def human(n: float) -> str:
+    """12,345 -> "12.3K", 1.45e9 -> "1.45B"."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}:{minutes:02d}" if days else f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def console_line(step: int, total: int | None, m: dict) -> str:
+    """One log record as a person reads it: interval means of the loss terms, then progress."""
+    parts = [f"step {step}/{total}" if total else f"step {step}"]
+    parts += [f"{k} {m[k]:.4g}" for k in ("loss", "lm", "kl", "clone", "dskd", "grad_norm") if m.get(k) is not None]
+    if m.get("lr") is not None:
+        parts.append(f"lr {m['lr']:.3g}")
+    if m.get("skipped_steps"):
+        parts.append(f"skipped {m['skipped_steps']}")
+    if m.get("tokens_seen") is not None:
+        parts.append(f"{human(m['tokens_seen'])} tokens")
+    if m.get("step_time_s") is not None:
+        parts.append(f"{m['step_time_s']:.3g} s/step, ETA {_duration(m['eta_s'])}")
+    if m.get("tokens_per_s_per_device") is not None:
+        parts.append(f"{m['tokens_per_s_per_device']:,.0f} tok/s/device")
+    if m.get("mfu") is not None:
+        parts.append(f"MFU {m['mfu']:.1%}")
+    if m.get("memory_gb") is not None:
+        parts.append(f"{m['memory_gb']:.2f} GB")
+    return " | ".join(parts)

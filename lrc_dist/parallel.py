@@ -68,9 +68,21 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
+def adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; a group's `lr_scale` multiplies the schedule's lr
+    (the DSKD projector's, `dskd.projector_lr_scale`; every other parameter's is 1)."""
     o = cfg.optim
-    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    projector = [p for n, p in named if n.startswith("dual_space.")]
+    groups = [{"params": [p for n, p in named if not n.startswith("dual_space.")], "lr_scale": 1.0}]
+    if projector:
+        groups.append({"params": projector, "lr_scale": model.dual_space.lr_scale})
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class TorchBackend:
@@ -80,12 +92,14 @@ class TorchBackend:
         self.cfg, self.info = cfg, info
         model.set_activation_checkpointing(cfg.parallel.activation_checkpointing)
         model.to(info.device)
+        self.placement = "one process, nothing sharded"  # for the start-up summary
         if cfg.parallel.backend == "fsdp":
-            shard_fsdp(model, cfg, info)
+            replicated = shard_fsdp(model, cfg, info)
+            self.placement = f"trainable state sharded, teacher {'replicated' if replicated else 'sharded'}"
             maybe_shard_generation(model, cfg, info)
         self.model = model
         self.params = trainable(model)
-        self.optimizer = adamw(self.params, cfg)
+        self.optimizer = adamw(model, cfg)
         self.state_options = StateDictOptions(ignore_frozen_params=True)  # the teacher is never saved
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -106,8 +120,7 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
 
     def save(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options)
@@ -166,7 +179,8 @@ def maybe_shard_generation(model: DistillationModel, cfg: TrainConfig, info: Dis
         model.set_generation_matmul(functools.partial(sharded_matmul, group=group), info.world_size)
 
 
-def shard_fsdp(model: DistillationModel, cfg: TrainConfig, info: DistInfo) -> None:
+def shard_fsdp(model: DistillationModel, cfg: TrainConfig, info: DistInfo) -> bool:
+    """FSDP2 over the model's shard units; returns whether the teacher stays replicated."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -185,6 +199,7 @@ def shard_fsdp(model: DistillationModel, cfg: TrainConfig, info: DistInfo) -> No
             continue  # a frozen teacher layer, replicated: nothing of it to shard
         fully_shard(unit, mesh=mesh, mp_policy=mp, ignored_params=frozen(unit))
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=frozen(model))
+    return replicate
 
 
 class DeepSpeedBackend:
@@ -196,6 +211,7 @@ class DeepSpeedBackend:
 
         self.cfg, self.info = cfg, info
         ds_config = deepspeed_config(cfg, grad_accum)
+        self.placement = f"ZeRO stage {ds_config['zero_optimization'].get('stage', 0)}"
         model.set_activation_checkpointing(cfg.parallel.activation_checkpointing)
         if ds_config["zero_optimization"].get("stage", 0) == 3:
             # Gather a whole block at once: its forward reads the weights of child modules directly
@@ -204,7 +220,7 @@ class DeepSpeedBackend:
             for weight in model.external_params():
                 deepspeed.zero.register_external_parameter(model, weight)
         maybe_shard_generation(model, cfg, info)
-        optimizer = adamw(trainable(model), cfg)
+        optimizer = adamw(model, cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine
 
@@ -226,8 +242,7 @@ class DeepSpeedBackend:
         """Nothing left to undo: `skip_micro` made DeepSpeed discard the step."""
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
 
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag="state", save_latest=False, exclude_frozen_parameters=True)

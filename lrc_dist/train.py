@@ -34,7 +34,7 @@ from lrc_dist import preflight
 from lrc_dist.config import ConfigError, TrainConfig, parse_args, resume_changes, to_dict
 from lrc_dist.data import DistributedBatches, PackedMixture, TokenSet
 from lrc_dist.export import export_run
-from lrc_dist.metrics import MetricsLogger, memory_gb, peak_flops
+from lrc_dist.metrics import MetricsLogger, add_to_interval, human, interval_means, memory_gb, new_interval, peak_flops
 from lrc_dist.parallel import DistInfo, build_backend, init_distributed
 
 SPIKE_WINDOW, SPIKE_WARMUP = 50, 10  # loss-spike guard: mean over the last 50 good steps, from the 10th on
@@ -140,6 +140,25 @@ def export_to(path: Path, backend, cfg: TrainConfig, info: DistInfo, state: dict
     dist.barrier()
 
 
+def startup_summary(cfg: TrainConfig, model, backend, info: DistInfo, grad_accum: int, step: int) -> str:
+    """What this run is, in a few lines, before its first step."""
+    params = [(p.numel(), p.requires_grad) for p in model.parameters()]
+    trainable, frozen = sum(n for n, t in params if t), sum(n for n, t in params if not t)
+    tokens = cfg.global_batch_size * cfg.data.seq_len
+    m, p = cfg.model, cfg.parallel
+    width = f", student width {m.lrc.student_hidden_size}" if m.method == "lrc" else ""
+    start = f"resuming after step {step:,}" if step else "starting at step 0"
+    return "\n".join([
+        f"lrc_dist: method {m.method}, teacher {m.teacher or 'none'}{width}",
+        f"  parameters: {human(trainable)} trainable, {human(frozen)} frozen",
+        f"  world size {info.world_size} ({info.device.type}), micro-batch {cfg.micro_batch_size}, gradient accumulation "
+        f"{grad_accum}: {cfg.global_batch_size} sequences = {tokens:,} tokens per step",
+        f"  backend {p.backend}, {backend.placement}, activation checkpointing {'on' if p.activation_checkpointing else 'off'}"
+        f"{', sharded weight generation' if p.shard_generation and m.method == 'lrc' else ''}",
+        f"  {cfg.steps:,} steps ({human(cfg.steps * tokens)} tokens), {start}; run dir {cfg.checkpoint.dir}",
+    ])
+
+
 def train(cfg: TrainConfig) -> dict[str, float]:
     """Run (or resume) the training job of `cfg`; returns the last logged metrics. Raises Preempted
     when a stop signal ended it early (with a checkpoint), NonFiniteLossError when it diverged."""
@@ -161,8 +180,8 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
 
     model = build_model(cfg)
     backend = build_backend(model, cfg, info, grad_accum)
-    state = {"step": 0, "consumed_samples": 0, "bad_steps": 0, "recent_losses": []}
-    history: dict[str, float] = {}
+    state = {"step": 0, "consumed_samples": 0, "bad_steps": 0, "recent_losses": [], "interval": new_interval()}
+    history: dict[str, float] = {}  # the last logged record
     if resume_from is not None:
         saved = checkpointer.load(resume_from, backend)
         state = {k: saved.get(k, v) for k, v in state.items()}
@@ -181,7 +200,10 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
     export_path = run_dir / f"export_{state['step']:08d}"
     if resume_from is not None and export_due(state["step"], cfg) and agreed(not export_path.is_dir()):
         export_to(export_path, backend, cfg, info, state, history)  # killed during (or before) it: redo
-    tick, tokens_since, saved_at = time.perf_counter(), 0, time.monotonic()
+    if info.is_main:
+        print(startup_summary(cfg, model, backend, info, grad_accum, state["step"]), flush=True)
+    tick, tick_step, saved_at = time.perf_counter(), state["step"], time.monotonic()
+    best_agree = 0.0  # the highest dskd/agree logged: a fall to under half of it is warned about
     last = min(cfg.steps, cfg.stop_at or cfg.steps)
     try:
         while state["step"] < last:
@@ -192,24 +214,36 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
             bad, grad_norm, sums = take_step(backend, micro, cfg, info, state, cross_tokenizer)
             state["step"] = step
             state["consumed_samples"] += cfg.global_batch_size
-            tokens_since += grad_accum * tokens_per_forward
             if bad:
                 state["bad_steps"] += 1
+                state["interval"]["skipped"] += 1
                 if info.is_main:
                     print(f"step {step}: {bad}, step skipped ({state['bad_steps']} bad in a row)", flush=True)
             else:
                 state["bad_steps"] = 0
-                history = all_reduce_sum(sums, info.device)
-                state["recent_losses"] = (state["recent_losses"] + [history["loss"]])[-SPIKE_WINDOW:]
+                step_metrics = all_reduce_sum(sums, info.device)
+                state["recent_losses"] = (state["recent_losses"] + [step_metrics["loss"]])[-SPIKE_WINDOW:]
+                add_to_interval(state["interval"], {**step_metrics, "grad_norm": grad_norm})
 
             if step % cfg.log.interval == 0 or step == last:
                 elapsed = time.perf_counter() - tick
-                tps = tokens_since / elapsed
-                history.update(grad_norm=grad_norm, lr=lr, tokens_per_s_per_device=tps,
-                               memory_gb=memory_gb(info.device), skipped_step=float(bool(bad)),
-                               mfu=tps * model_flops / peak if peak else None)
-                logger.log(step, history)
-                tick, tokens_since = time.perf_counter(), 0
+                step_time = elapsed / (step - tick_step)
+                tps = (step - tick_step) * grad_accum * tokens_per_forward / elapsed
+                history = {**interval_means(state["interval"]), "lr": lr, "step_time_s": step_time,
+                           "eta_s": (last - step) * step_time, "tokens_seen": state["consumed_samples"] * cfg.data.seq_len,
+                           "tokens_per_s_per_device": tps, "mfu": tps * model_flops / peak if peak else None,
+                           "memory_gb": memory_gb(info.device)}
+                logger.log(step, history, cfg.steps)
+                agree = history.get("dskd/agree", float("nan"))
+                if info.is_main and agree < 0.5 * best_agree and best_agree >= 0.5:  # a collapse, once a run
+                    print(f"WARNING: dskd/agree fell from {best_agree:.2f} to {agree:.2f}: on most tokens the projected "
+                          f"teacher no longer predicts the teacher's token, so the masked student-space DSKD term "
+                          f"trains on few of them; raise optim.dskd_projector_lr_scale or set loss.dskd_mask=false.",
+                          flush=True)
+                    best_agree = float("inf")
+                best_agree = max(best_agree, agree) if agree == agree else best_agree
+                state["interval"] = new_interval(state["interval"])
+                tick, tick_step = time.perf_counter(), step
             if state["bad_steps"] >= cfg.max_bad_steps:
                 good = checkpointer.latest()
                 where = f"resume from {good}, the last checkpoint before the streak," if good else "start afresh"

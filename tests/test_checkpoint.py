@@ -147,7 +147,7 @@ def test_divergence_keeps_the_last_good_checkpoint_and_names_it(one_process, tin
         train(cfg)
     assert (tmp_path / "latest").read_text() == "step_00000003" and (tmp_path / "step_00000003").is_dir()
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000003"]
-    skipped = [r["step"] for r in records(tmp_path) if r["skipped_step"]]
+    skipped = [r["step"] for r in records(tmp_path) if r["skipped_steps"]]
     console = capsys.readouterr().out
     assert skipped == [4, 5, 6] and all(f"step {s}: non-finite loss, step skipped" in console for s in skipped)
 
@@ -193,9 +193,9 @@ def test_loss_spike_guard_skips_the_step_like_a_nan(one_process, tiny_job, tmp_p
         poison(monkeypatch, lambda call: call == spike_call, scale)
         train(tiny_cfg(tiny_job, tmp_path / name, steps=14, loss_spike_factor=factor))
         curves[name] = records(tmp_path / name)
-    assert [r["step"] for r in curves["spike"] if r["skipped_step"]] == [12]
+    assert [r["step"] for r in curves["spike"] if r["skipped_steps"]] == [12]
     assert_same_curve(curves["spike"], curves["nan"], ("loss", "lm", "kl", "clone", "grad_norm"), nan_ok=True)
-    assert not any(r["skipped_step"] for r in curves["off"])
+    assert not any(r["skipped_steps"] for r in curves["off"])
 
 
 # ---- one job per run directory ----------------------------------------------------------------------

@@ -27,3 +27,9 @@ def test_demo_quick_preset_end_to_end(tmp_path):
     assert (tmp_path / "losses.png").stat().st_size > 10_000
     for name in ("lrc", "kd"):
         assert (tmp_path / name / "export_00000020/hf/model.safetensors").is_file()
+    # Run again: every stage says it was reused, and the evaluation shows its progress.
+    again = subprocess.run([sys.executable, "-m", "lrc_dist.demo", "--out", str(tmp_path), "--preset", "quick", "--dskd",
+                            "--plot", "False"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert again.stdout.count("reused: ") == 3 + 6  # tokenizer, 2 token sets; the teacher and 5 students
+    assert all(f"[{i}/6]" in again.stdout and "(reused)" in again.stdout for i in range(1, 7))

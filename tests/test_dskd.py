@@ -276,7 +276,7 @@ def test_dskd_runs_match_one_process_on_both_backends(dskd_reference, tiny_job, 
     from test_train import run
 
     first, last = dskd_reference[0], dskd_reference[-1]
-    assert last["loss"] < first["loss"] and last["dskd/kd_tea"] < first["dskd/kd_tea"] and first["kl"] == 0
+    assert last["loss"] < first["loss"] and last["dskd/kd_tea"] < first["dskd/kd_tea"] and "kl" not in first
     records = run(tiny_job, tmp_path, 2, f"--parallel.backend={backend}", *DSKD_RUN)
     assert_same_curve(records, dskd_reference, DSKD_KEYS, abs=1e-7)
     assert (tmp_path / "export_00000006/hf/config.json").is_file()
