@@ -1,68 +1,15 @@
-"""Tokenize a corpus into a token set for lrc_dist training (the pipeline: lrc_dist/pretokenize.py).
+"""`python data_prep/tokenize.py ...`: the same command as `lrc-tokenize ...` and
+`python -m lrc_dist.prep ...`, which holds it (examples and options: lrc_dist/prep.py)."""
 
-    python data_prep/tokenize.py --input 'data/fineweb/*.parquet' --tokenizer TEACHER_DIR --output tokens/fineweb
-    python data_prep/tokenize.py --input openhermes2_5.json --chat_field conversations \\
-        --tokenizer TEACHER_DIR --output tokens/openhermes
-    python data_prep/tokenize.py --input '["a.jsonl.zst", "more/", "b/*.json.gz"]' --tokenizer DIR --output OUT
-    python data_prep/tokenize.py merge tokens/fineweb          # after a split run (slurm/tokenize_array.sh)
-    python data_prep/tokenize.py verify tokens/fineweb --mode full
-
-Options of the default command: see `lrc_dist.pretokenize.tokenize_corpus` (--text_field,
---chat_field, --workers, --shard_tokens, --max_chars, --long_docs, --eos_token, --num_splits,
---split_index, --allow_errors). A rerun with the same arguments resumes: finished shards are
-skipped. Exit status 1, with a message naming the file and the fix, on bad settings, files
-that could not be read (unless --allow_errors), no document produced, or a corrupt shard.
-"""
-
-import functools
 import os
 import sys
 
-# This file is named like the standard library's `tokenize` module, which Python itself
-# imports (linecache, inspect): keep this directory off the import path so they get the real one.
+# Run as a script, this file's directory comes first on sys.path, and the file would stand in for
+# the standard library's `tokenize` (which linecache and inspect import): take it off first.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
-import fire  # noqa: E402
-
-from lrc_dist.pretokenize import TokenizeError, merge_splits, tokenize_corpus  # noqa: E402
-
-
-@functools.wraps(tokenize_corpus)
-def tokenize(*args, **kwargs) -> None:
-    tokenize_corpus(*args, **kwargs)  # the manifest is on disk; fire would print the returned dict
-
-
-tokenize.__doc__ += """
-Other commands:
-    tokenize.py verify DIR [--mode full|fast]   check every shard of the token set DIR
-    tokenize.py merge DIR                       combine the manifests of a split run (Slurm arrays)
-"""
-
-
-@functools.wraps(merge_splits)
-def merge(*args, **kwargs) -> None:
-    merge_splits(*args, **kwargs)
-
-
-def verify(dir: str, mode: str = "full") -> None:
-    """Checks every shard of the token set DIR against its manifest ("fast" or "full" checksums)."""
-    from lrc_dist.data import TokenSet  # imports torch: keep it out of tokenizing (and its workers)
-
-    token_set = TokenSet.open(dir, verify=mode)
-    print(f"{dir}: {len(token_set.shards)} shards, {token_set.num_tokens:,} tokens verified ({mode})")
-
-
-def main() -> None:
-    commands = {"merge": merge, "verify": verify}
-    try:
-        if len(sys.argv) > 1 and sys.argv[1] in commands:
-            fire.Fire(commands[sys.argv[1]], command=sys.argv[2:], name=f"tokenize.py {sys.argv[1]}")
-        else:
-            fire.Fire(tokenize, name="tokenize.py")
-    except (TokenizeError, ValueError, FileNotFoundError) as e:  # bad input or settings: the message says why
-        sys.exit(f"error: {e}")
-
+from lrc_dist.prep import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    main("tokenize.py")

@@ -24,6 +24,7 @@ import yaml
 from lrc_dist.indexed_dataset import tokenizer_sha256
 from lrc_dist.losses import LossConfig
 from lrc_dist.lrc import LRCConfig
+from lrc_dist.resources import shipped
 
 
 class ConfigError(ValueError):
@@ -225,8 +226,9 @@ def arg_parser():
 
 
 def read_tree(path: str | Path) -> dict:
-    """The nested dict of a YAML config or of a Python recipe (a module defining `config`)."""
-    file = Path(path)
+    """The nested dict of a YAML config or of a Python recipe (a module defining `config`); a
+    shipped recipe such as configs/lrc_qwen7b.yaml is found from any directory."""
+    file = shipped(path)
     if not file.is_file():
         raise ConfigError(f"config {path} does not exist; pass a YAML file or a .py recipe (see configs/).")
     if file.suffix == ".py":

@@ -293,5 +293,10 @@ def cli(out: str = "runs/demo", preset: str = "default", plot: bool = True, dskd
     main(out, preset, plot, dskd)
 
 
+def run() -> None:
+    """`lrc-demo` / `python -m lrc_dist.demo`."""
+    fire.Fire(cli, name="lrc-demo")
+
+
 if __name__ == "__main__":
-    fire.Fire(cli)
+    run()

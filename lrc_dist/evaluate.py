@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lrc_dist.data import TokenSet
+from lrc_dist.resources import PACKAGE
 
-REPO = Path(__file__).resolve().parents[1]
-SHIPPED_TASKS = REPO / "assets" / "tasks"
+SHIPPED_TASKS = PACKAGE / "assets" / "tasks"
 # The LRC paper's zero-shot suite, by lm-evaluation-harness task name.
 PAPER_TASKS = ("arc_easy", "arc_challenge", "logiqa", "commonsense_qa", "piqa", "winogrande", "boolq", "sciq", "mmlu")
 
@@ -150,5 +150,10 @@ def harness(model_dir: str, tasks: str | tuple = PAPER_TASKS, dtype: str = "floa
     return summary
 
 
+def cli() -> None:
+    """`lrc-evaluate` / `python -m lrc_dist.evaluate`: perplexity | choice | harness."""
+    fire.Fire({"perplexity": perplexity, "choice": choice, "harness": harness}, name="lrc-evaluate")
+
+
 if __name__ == "__main__":
-    fire.Fire({"perplexity": perplexity, "choice": choice, "harness": harness})
+    cli()

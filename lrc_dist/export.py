@@ -227,5 +227,10 @@ def main(source: str, out_dir: str, teacher: str | None = None, dtype: str = "bf
     print(f"exported the student to {out_dir}")
 
 
+def cli() -> None:
+    """`lrc-export` / `python -m lrc_dist.export`."""
+    fire.Fire(main, name="lrc-export")
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli()

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from lrc_dist.build import DistillationModel, dtype_of
 from lrc_dist.config import TrainConfig
+from lrc_dist.resources import shipped
 
 
 @dataclass
@@ -263,7 +264,7 @@ class DeepSpeedBackend:
 
 def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
     """The JSON config with every "auto" filled from the training config."""
-    path = Path(cfg.parallel.deepspeed_config)
+    path = shipped(cfg.parallel.deepspeed_config)
     if not path.is_file():
         raise FileNotFoundError(f"parallel.deepspeed_config={path} does not exist; see ds_configs/.")
     ds = json.loads(path.read_text())

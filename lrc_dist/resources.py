@@ -15,6 +15,6 @@ PACKAGE = Path(__file__).resolve().parent
 
 def shipped(path: str | Path) -> Path:
     given = Path(path)
-    if given.exists() or given.is_absolute():
+    if given.exists() or given.is_absolute() or not (PACKAGE / given).exists():
         return given
-    return PACKAGE / given if (PACKAGE / given).exists() else PACKAGE.parent / given
+    return PACKAGE / given
