@@ -32,7 +32,7 @@ from lrc_dist.build import DistillationModel, build_model, dtype_of
 from lrc_dist.checkpoint import LATEST, TRAIN_STATE, Checkpointer, CheckpointDamaged, damage, read_train_state
 from lrc_dist.config import TrainConfig, config_of
 from lrc_dist.kd import KnowledgeDistillation
-from lrc_dist.lrc import LRC_CONFIG_FILE, LowRankClone, load_lrc, read_lrc_meta, save_lrc
+from lrc_dist.lrc import LRC_CONFIG_FILE, LowRankClone, check_teacher, load_lrc, read_lrc_meta, save_lrc
 from lrc_dist.model import CheckpointError
 
 # Files that make up a tokenizer (and generation defaults) in an HF checkpoint directory.
@@ -202,6 +202,8 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, teacher: str | No
     cfg = config_of(state["config"], str(path / TRAIN_STATE))
     if teacher:
         cfg.model.teacher = teacher
+    if cfg.model.method != "lm":
+        check_teacher(cfg.model.teacher, state.get("teacher_fingerprint"), path / TRAIN_STATE)
     model = build_model(cfg, dtype=torch.float32)
     load_trained(model, read_trained_tensors(path, model))
     summary = {"method": cfg.model.method, "step": state["step"], "steps": cfg.steps, "source": str(path.resolve()),

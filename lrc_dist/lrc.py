@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
-from lrc_dist.losses import LossConfig, LRCOutput, lrc_loss
+from lrc_dist.losses import IGNORE_INDEX, LossConfig, LRCOutput, lrc_loss
 from lrc_dist.metrics import lrc_flops_per_token
 from lrc_dist.model import (
     CausalLM,
@@ -35,6 +35,7 @@ from lrc_dist.model import (
     resized_config,
     rms_norm,
     swiglu,
+    teacher_fingerprint,
 )
 
 CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
@@ -83,6 +84,17 @@ class LRCConfig:
         return matrix
 
 
+def masked_mse(a: Tensor, b: Tensor, valid: Tensor | None) -> Tensor:
+    """MSE over the features of the positions marked `valid` [B, T] (all when None): the clone terms
+    count the tokens the LM and KL terms count, so that splitting a batch into micro-batches
+    (weighted by their labelled tokens) gives the same loss and gradient."""
+    per_position = (a.float() - b.float()).pow(2).mean(-1)
+    if valid is None:
+        return per_position.mean()
+    valid = valid.to(per_position.dtype)
+    return (per_position * valid).sum() / valid.sum().clamp(min=1)
+
+
 def freeze(module: nn.Module) -> nn.Module:
     return module.requires_grad_(False)
 
@@ -128,7 +140,7 @@ class LowRankBlock(nn.Module):
             return self.teacher(h_t, rope, taps), taps
 
     def student_forward(
-        self, h_s: Tensor, teacher_taps: dict[str, Tensor], rope: tuple[Tensor, Tensor]
+        self, h_s: Tensor, teacher_taps: dict[str, Tensor], rope: tuple[Tensor, Tensor], valid: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         w, args, terms = self.student_weights(self.generation_matmul), self.teacher.args, self.cfg.clone_terms
         taps: dict[str, Tensor] = {}
@@ -147,16 +159,17 @@ class LowRankBlock(nn.Module):
         targets["attn_out"] = attn_target
         if "ffn_out" in terms:
             taps["ffn_out"], targets["ffn_out"] = ffn_out, teacher_taps["ffn_out"] @ self.p("down")
-        clone = {m: F.mse_loss(taps[m].float(), targets[m].float()) for m in terms}
+        clone = {m: masked_mse(taps[m], targets[m], valid) for m in terms}
         return h + ffn_out, clone
 
-    def forward(self, h_t: Tensor, h_s: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def forward(self, h_t: Tensor, h_s: Tensor, rope: tuple[Tensor, Tensor], valid: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         h_t_next, teacher_taps = self.teacher_forward(h_t, rope)
         if self.activation_checkpointing and torch.is_grad_enabled():
             # Recompute only the student in backward; the teacher's taps are kept, never recomputed.
-            h_s_next, clone = checkpoint(self.student_forward, h_s, teacher_taps, rope, use_reentrant=False)
+            h_s_next, clone = checkpoint(self.student_forward, h_s, teacher_taps, rope, valid, use_reentrant=False)
         else:
-            h_s_next, clone = self.student_forward(h_s, teacher_taps, rope)
+            h_s_next, clone = self.student_forward(h_s, teacher_taps, rope, valid)
         return h_t_next, h_s_next, clone
 
 
@@ -240,9 +253,9 @@ class LowRankClone(nn.Module):
         The loss is computed here, inside the root module's forward, because FSDP2 and ZeRO-3 only
         gather the vocabulary-sized head weights while that forward runs.
         """
-        return lrc_loss(self, self.lockstep(input_ids), labels, loss_cfg, normalizer)
+        return lrc_loss(self, self.lockstep(input_ids, labels != IGNORE_INDEX), labels, loss_cfg, normalizer)
 
-    def lockstep(self, input_ids: Tensor) -> LRCOutput:
+    def lockstep(self, input_ids: Tensor, valid: Tensor | None = None) -> LRCOutput:
         """Teacher and student side by side through all layers; no loss."""
         with torch.no_grad():
             h_t = self.teacher_embed(input_ids)
@@ -251,7 +264,7 @@ class LowRankClone(nn.Module):
         rope = self.rotary.tables(input_ids.shape[1], h_s.device, h_s.dtype)
         clone: dict[str, Tensor] = {}
         for block in self.layers:
-            h_t, h_s, terms = block(h_t, h_s, rope)
+            h_t, h_s, terms = block(h_t, h_s, rope, valid)
             for name, value in terms.items():
                 clone[name] = clone[name] + value if name in clone else value
         with torch.no_grad():
@@ -328,8 +341,17 @@ def save_lrc(model: LowRankClone, path: str | Path, teacher_path: str | Path) ->
     # the student only: the DSKD projector is a training-time tool, no part of the student
     state = {k: v.contiguous() for k, v in model.trainable_state_dict().items() if not k.startswith("dual_space.")}
     save_file(state, str(path / LRC_WEIGHTS_FILE))
-    meta = {"teacher": str(Path(teacher_path).resolve()), "lrc": asdict(model.cfg)}
+    meta = {"teacher": str(Path(teacher_path).resolve()), "teacher_fingerprint": teacher_fingerprint(teacher_path),
+            "lrc": asdict(model.cfg)}
     (path / LRC_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def check_teacher(teacher: str | Path, fingerprint: str | None, source: str | Path) -> None:
+    """A CheckpointError when the teacher at `teacher` is not the one `source` was trained with."""
+    if fingerprint is not None and teacher_fingerprint(teacher) != fingerprint:
+        raise CheckpointError(f"{source} was trained with another teacher than the one in {teacher} (fingerprint "
+                              f"{fingerprint}, now {teacher_fingerprint(teacher)}: its config.json or weights differ). "
+                              f"Point it at the teacher the student was distilled from.")
 
 
 def read_lrc_meta(path: str | Path) -> dict:
@@ -344,7 +366,9 @@ def load_lrc(path: str | Path, teacher_path: str | Path | None = None, dtype: to
     """Rebuild a saved LRC model; `teacher_path` overrides the teacher directory recorded at save time."""
     path = Path(path)
     meta = read_lrc_meta(path)
-    model = LowRankClone(CausalLM.from_pretrained(teacher_path or meta["teacher"], dtype=dtype), LRCConfig(**meta["lrc"]))
+    teacher = teacher_path or meta["teacher"]
+    check_teacher(teacher, meta.get("teacher_fingerprint"), path / LRC_CONFIG_FILE)
+    model = LowRankClone(CausalLM.from_pretrained(teacher, dtype=dtype), LRCConfig(**meta["lrc"]))
     state = {k: v.to(dtype) for k, v in load_file(str(path / LRC_WEIGHTS_FILE)).items()}
     expected = model.trainable_state_dict()
     if set(state) != set(expected):

@@ -9,6 +9,7 @@ and the LRC student (lrc.py) runs the very same code with generated weights `W_T
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from lrc_dist.indexed_dataset import sampled_digest
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # Rope types whose frequencies are fixed at load time; "dynamic"/"longrope" change with the length.
@@ -370,17 +373,37 @@ def weight_files(path: str | Path) -> list[Path]:
 def read_safetensors(path: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, Tensor]:
     state = {}
     for file in weight_files(path):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key).to(dtype)
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key).to(dtype)
+        except SafetensorError as e:  # truncated or corrupt: say which file, not just the library's words
+            raise CheckpointError(f"{file} cannot be read ({e}): it is truncated or corrupt; copy or download it "
+                                  f"again.") from None
     return state
+
+
+def teacher_fingerprint(path: str | Path) -> str:
+    """A short identity of a checkpoint directory's model: sha256 of its config.json and of each
+    weight file's name, size and sampled blocks (seconds even for a 7B model, not a full read).
+    Stored with what was trained against a teacher, so that another teacher at that path is caught."""
+    path = Path(path)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for file in weight_files(path):
+        digest.update(f"{file.name}:{file.stat().st_size}:{sampled_digest(file)}".encode())
+    return digest.hexdigest()[:16]
 
 
 def load_checked(module: nn.Module, state: dict[str, Tensor], source: str | Path) -> None:
     """`load_state_dict(assign=True)` with errors that say which tensor and why."""
     expected = module.state_dict(keep_vars=True)
-    if "lm_head.weight" not in expected:
-        state.pop("lm_head.weight", None)  # tied checkpoints sometimes store the head anyway
+    if "lm_head.weight" not in expected and "lm_head.weight" in state:
+        head, embed = state.pop("lm_head.weight"), state.get("model.embed_tokens.weight")
+        if embed is None or head.shape != embed.shape or not torch.equal(head, embed):
+            raise CheckpointError(
+                f"{source}: config.json says tie_word_embeddings=true, but the weights hold an lm_head.weight of "
+                f"their own, unlike model.embed_tokens.weight: the head would be silently dropped. Set "
+                f"tie_word_embeddings to false in {Path(source) / 'config.json'} if the head is separate.")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

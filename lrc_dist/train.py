@@ -34,7 +34,9 @@ from lrc_dist import preflight
 from lrc_dist.config import ConfigError, TrainConfig, parse_args, resume_changes, to_dict
 from lrc_dist.data import DistributedBatches, PackedMixture, TokenSet
 from lrc_dist.export import export_run
+from lrc_dist.lrc import check_teacher
 from lrc_dist.metrics import MetricsLogger, add_to_interval, human, interval_means, memory_gb, new_interval, peak_flops
+from lrc_dist.model import CheckpointError, teacher_fingerprint
 from lrc_dist.parallel import DistInfo, build_backend, init_distributed
 
 SPIKE_WINDOW, SPIKE_WARMUP = 50, 10  # loss-spike guard: mean over the last 50 good steps, from the 10th on
@@ -115,6 +117,11 @@ def check_resume(saved: dict, path: Path, cfg: TrainConfig, info: DistInfo) -> N
             f"values, train in another checkpoint.dir, or allow these changes with "
             f"--checkpoint.allow_changes=[{','.join(c.split(':')[0] for c in changes)}] (steps, stop_at, log.*, "
             f"checkpoint.* and the device layout may always change; see config.RESUME_MAY_CHANGE).")
+    if saved.get("teacher_fingerprint") and cfg.model.teacher:
+        try:
+            check_teacher(cfg.model.teacher, saved["teacher_fingerprint"], path)
+        except CheckpointError as e:
+            raise ConfigError(f"model.teacher: {e}") from None
     written = saved.get("world_size", info.world_size)
     if cfg.parallel.backend == "deepspeed" and written != info.world_size:
         raise ConfigError(
@@ -179,6 +186,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
         check_resume(read_train_state(resume_from), resume_from, cfg, info)
 
     model = build_model(cfg)
+    fingerprint = teacher_fingerprint(cfg.model.teacher) if cfg.model.method != "lm" else None
     backend = build_backend(model, cfg, info, grad_accum)
     state = {"step": 0, "consumed_samples": 0, "bad_steps": 0, "recent_losses": [], "interval": new_interval()}
     history: dict[str, float] = {}  # the last logged record
@@ -262,7 +270,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
                               f"stays the latest", flush=True)
                 else:
                     checkpointer.save(step, backend, {**state, "world_size": info.world_size, "metrics": history,
-                                                      "config": to_dict(cfg)})
+                                                      "teacher_fingerprint": fingerprint, "config": to_dict(cfg)})
                     saved_at = time.monotonic()
             if signum:  # the export, if due, is redone by the resumed run: preemption leaves little time
                 raise Preempted(f"stopped on {signal.Signals(signum).name} after step {step}; "

@@ -137,3 +137,37 @@ def test_activation_checkpointing_same_grads_teacher_run_once(tmp_path):
     assert teacher_calls == [2, 2]  # once per layer, also when the student is recomputed
     for name, g in grads[0].items():
         assert torch.equal(g, grads[1][name]), name
+
+
+def test_micro_batches_give_the_full_batch_gradient_with_ignored_labels(tmp_path):
+    """Clone terms count only labelled positions, like LM and KL: two micro-batches of unequal
+    labelled counts, each weighted by its share, give the full batch's loss and gradient."""
+    model = LowRankClone.from_teacher(build_checkpoint(tmp_path / "t", "qwen2"), LRCConfig(32), seed=1)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(5))
+    labels = ids.roll(-1, 1)
+    labels[0, :12] = labels[1, :3] = labels[3, 5:] = -100  # uneven, as SFT masks are
+    cfg = LossConfig(temperature=2.0)
+
+    def grads(batches):
+        model.zero_grad()
+        normalizer = int((labels != -100).sum())
+        total = sum(model(ids[b], labels[b], cfg, normalizer)[0] for b in batches)
+        total.backward()
+        return total.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    full, micro = grads([slice(0, 4)]), grads([slice(0, 1), slice(1, 4)])
+    assert micro[0] == pytest.approx(full[0].item(), rel=1e-6)
+    assert max(rel_err(m, f) for m, f in zip(micro[1], full[1])) < 1e-5
+
+
+def test_a_different_teacher_is_caught(tmp_path):
+    from lrc_dist.lrc import load_lrc, save_lrc
+    from lrc_dist.model import CheckpointError
+
+    teacher = build_checkpoint(tmp_path / "teacher", "qwen2")
+    model = LowRankClone.from_teacher(teacher, LRCConfig(32))
+    save_lrc(model, tmp_path / "lrc", teacher)
+    other = build_checkpoint(tmp_path / "other", "qwen2", seed=1)  # same shapes, other weights
+    with pytest.raises(CheckpointError, match=r"trained with another teacher than the one in .*other"):
+        load_lrc(tmp_path / "lrc", teacher_path=other)
+    load_lrc(tmp_path / "lrc", teacher_path=teacher)

@@ -62,3 +62,21 @@ def test_config_weights_mismatch(tmp_path):
     (tmp_path / "m/config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="mlp.*shape"):
         CausalLM.from_pretrained(path)
+
+
+def test_a_truncated_weight_file_is_named(tmp_path):
+    path = build_checkpoint(tmp_path / "m", "qwen2")
+    weights = tmp_path / "m/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"model.safetensors cannot be read .*truncated or corrupt"):
+        CausalLM.from_pretrained(path)
+
+
+def test_a_tied_config_with_a_separate_head_is_an_error(tmp_path):
+    import json
+
+    path = build_checkpoint(tmp_path / "m", "qwen2", tie_word_embeddings=False)  # a real, separate lm_head
+    config = json.loads((tmp_path / "m/config.json").read_text())
+    (tmp_path / "m/config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match="tie_word_embeddings=true, but the weights hold an lm_head.weight"):
+        CausalLM.from_pretrained(path)
