@@ -31,7 +31,6 @@ covers the same samples whatever W is.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import warnings
@@ -42,7 +41,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from lrc_dist.indexed_dataset import FORMAT_VERSION, CorruptShardError, Shard, ShardInfo, tokenizer_sha256
+from lrc_dist.indexed_dataset import CorruptShardError, Shard, ShardInfo, read_manifest, tokenizer_sha256
 
 PERIOD = 1 << 16  # mixture schedule length; each set's share is exact over every period
 
@@ -69,9 +68,7 @@ class TokenSet:
                 f"{file} not found: tokenize the corpus with data_prep/tokenize.py --output {path} "
                 f"(after a split run, combine the parts with: data_prep/tokenize.py merge {path})"
             )
-        manifest = json.loads(file.read_text())
-        if manifest.get("format") != "lrc_dist.tokens" or manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{file} is not an lrc_dist token set manifest of format version {FORMAT_VERSION}")
+        manifest = read_manifest(file)
         _reserve_file_descriptors(len(manifest["shards"]))
         shards = []
         for entry in manifest["shards"]:
@@ -106,6 +103,12 @@ class TokenSet:
         k = int(np.searchsorted(self.starts, start, side="right")) - 1
         while length > 0:
             piece = self.shards[k].tokens[start - self.starts[k] :][:length]
+            if piece.size and int(piece.max()) >= self.vocab_size:  # 2 us a window (bench/loader_bench.py)
+                at = start - self.starts[k] + int(np.argmax(piece >= self.vocab_size))
+                raise CorruptShardError(
+                    f"{self.shards[k].prefix}.bin: token id {int(piece.max())} at position {at} is outside the "
+                    f"vocabulary of {self.vocab_size} it was tokenized with: the shard is corrupt; re-create it "
+                    f"(data_prep/tokenize.py verify {self.path} --mode full finds every such shard)")
             pieces.append(piece)
             start, length, k = start + piece.size, length - piece.size, k + 1
         return np.concatenate(pieces)

@@ -143,6 +143,33 @@ class ShardInfo:
         return cls(**{f.name: entry[f.name] for f in dataclasses.fields(cls)})
 
 
+MANIFEST_KEYS = ("format", "format_version", "tokenizer", "dtype", "num_tokens", "num_docs", "shards", "sources")
+TOKENIZER_KEYS = ("name", "path", "sha256", "vocab_size", "eos_id")
+
+
+def read_manifest(file: Path) -> dict[str, Any]:
+    """A token set's manifest (or split part), with an error naming the file and what is wrong
+    instead of a bare JSONDecodeError or KeyError."""
+    fix = "re-create it with data_prep/tokenize.py (the same arguments resume what is done)"
+    try:
+        manifest = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): {fix}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "lrc_dist.tokens":
+        raise ValueError(f"{file} is not an lrc_dist token-set manifest (no \"format\": \"lrc_dist.tokens\")")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file} has format_version {manifest.get('format_version')}; this lrc_dist reads "
+                         f"{FORMAT_VERSION}: {fix}")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    missing += [f"tokenizer.{k}" for k in TOKENIZER_KEYS if k not in manifest.get("tokenizer", {})]
+    fields = [f.name for f in dataclasses.fields(ShardInfo)] + ["name"]
+    for i, entry in enumerate(manifest.get("shards", [])):
+        missing += [f"shards[{i}].{k}" for k in fields if not isinstance(entry, dict) or k not in entry]
+    if missing:
+        raise ValueError(f"{file} lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: {fix}")
+    return manifest
+
+
 class ShardWriter:
     """Appends documents to a new shard NAME.bin/.idx; `finish()` makes it visible atomically.
 

@@ -10,11 +10,11 @@ It reads only small files: config.json, tokenizer.json, the token sets' manifest
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lrc_dist.config import ConfigError, TrainConfig
 from lrc_dist.data import misfit
+from lrc_dist.indexed_dataset import read_manifest
 from lrc_dist.model import INVALID_CONFIG, CheckpointError, ModelArgs, load_config, resized_config
 from lrc_dist.resources import shipped
 
@@ -136,9 +136,10 @@ def _data(cfg: TrainConfig) -> list[str]:
                          f"data_prep/tokenize.py (after a split run: data_prep/tokenize.py merge {path})")
             continue
         try:
-            manifest = json.loads(file.read_text())
-            if vocab is not None:
-                found += [f"data.paths[{i}]: {p}" for p in misfit(Path(path), manifest, vocab, m.tokenizer_dir()) if p]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            found.append(f"data.paths[{i}]: {file} is not a readable token-set manifest ({type(e).__name__}: {e})")
+            manifest = read_manifest(file)
+        except ValueError as e:
+            found.append(f"data.paths[{i}]: {e}")
+            continue
+        if vocab is not None:
+            found += [f"data.paths[{i}]: {p}" for p in misfit(Path(path), manifest, vocab, m.tokenizer_dir()) if p]
     return found

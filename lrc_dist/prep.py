@@ -8,6 +8,7 @@
     python data_prep/tokenize.py --input '["a.jsonl.zst", "more/", "b/*.json.gz"]' --tokenizer DIR --output OUT
     python data_prep/tokenize.py merge tokens/fineweb          # after a split run (slurm/tokenize_array.sh)
     python data_prep/tokenize.py verify tokens/fineweb --mode full
+    python data_prep/tokenize.py inspect tokens/openhermes     # what the chat template produced
 
 Options of the default command: see `lrc_dist.pretokenize.tokenize_corpus` (--text_field,
 --chat_field, --workers, --shard_tokens, --max_chars, --long_docs, --eos_token, --num_splits,
@@ -18,6 +19,7 @@ that could not be read (unless --allow_errors), no document produced, or a corru
 
 import functools
 import sys
+from pathlib import Path
 
 import fire
 
@@ -33,6 +35,7 @@ tokenize.__doc__ += """
 Other commands:
     verify DIR [--mode full|fast]   check every shard of the token set DIR
     merge DIR                       combine the manifests of a split run (Slurm arrays)
+    inspect DIR                     counts, settings, and a few documents and windows decoded
 """
 
 
@@ -49,8 +52,45 @@ def verify(dir: str, mode: str = "full") -> None:
     print(f"{dir}: {len(token_set.shards)} shards, {token_set.num_tokens:,} tokens verified ({mode})")
 
 
+def inspect(dir: str, docs: int = 3, windows: int = 2, seq_len: int = 64, chars: int = 300,
+            tokenizer: str | None = None) -> None:
+    """Shows the token set DIR: its counts, per-file report and settings, then its first DOCS
+    documents and WINDOWS training windows of SEQ_LEN tokens decoded, each cut to CHARS
+    characters (special tokens shown as written, e.g. a chat template's). TOKENIZER overrides
+    the tokenizer directory recorded in the manifest (if it has moved)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from lrc_dist.data import PackedMixture, TokenSet
+    from lrc_dist.pretokenize import _summary
+
+    token_set = TokenSet.open(dir, verify="fast")
+    m, tok = token_set.manifest, token_set.manifest["tokenizer"]
+    print(f"{dir}: {_summary(m)}")
+    lengths = np.concatenate([np.diff(s.offsets) for s in token_set.shards])
+    print(f"  documents: {lengths.size:,}, tokens per document: mean {lengths.mean():,.0f}, median "
+          f"{int(np.median(lengths)):,}, max {lengths.max():,}")
+    print(f"  tokenizer: {tok['name']} ({tok['path']}), vocab {tok['vocab_size']:,}, EOS {tok['eos_token']!r} = "
+          f"{tok['eos_id']}, sha256 {tok['sha256'][:12]}; dtype {m['dtype']}")
+    settings = {k: v for k, v in m["config"].items() if k in ("text_field", "chat_field", "max_chars", "long_docs")}
+    print(f"  settings: {settings}")
+    decoder = Tokenizer.from_file(str(Path(tokenizer or tok["path"]) / "tokenizer.json"))
+
+    def show(ids) -> str:
+        text = decoder.decode([int(i) for i in ids], skip_special_tokens=False)
+        return repr(text if len(text) <= chars else text[:chars] + " ...")
+
+    shard = token_set.shards[0]
+    for i in range(min(docs, shard.num_docs)):
+        print(f"--- document {i} ({shard.offsets[i + 1] - shard.offsets[i]} tokens): {show(shard.document(i))}")
+    if windows and token_set.num_windows(seq_len):
+        mixture = PackedMixture([token_set], [1.0], seq_len)
+        for i in range(min(windows, len(mixture))):
+            print(f"--- training window {i} ({seq_len} + 1 tokens, as the loader packs them): {show(mixture[i])}")
+
+
 def main(prog: str = "lrc-tokenize") -> None:
-    commands = {"merge": merge, "verify": verify}
+    commands = {"merge": merge, "verify": verify, "inspect": inspect}
     try:
         if len(sys.argv) > 1 and sys.argv[1] in commands:
             fire.Fire(commands[sys.argv[1]], command=sys.argv[2:], name=f"{prog} {sys.argv[1]}")

@@ -39,23 +39,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import glob
-import gzip
-import hashlib
-import io
 import itertools
 import json
 import multiprocessing
 import os
 import queue
-import re
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import tokenizers
-import zstandard
 from jinja2 import TemplateError
 from tqdm import tqdm
 
@@ -63,47 +59,22 @@ from lrc_dist.indexed_dataset import (
     FORMAT_VERSION,
     ShardWriter,
     dtype_for_vocab,
+    read_manifest,
     tokenizer_sha256,
     write_json_atomic,
 )
+from lrc_dist.sources import BATCH_RECORDS, READ_ERRORS, READERS, Skip, Source, find_sources, split_sources
 
 SKIP_REASONS = ("bad_json", "bad_utf8", "missing_field", "bad_conversation", "empty")
 MODIFICATIONS = ("split", "truncated")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
-COMPRESSIONS = (".gz", ".zst", ".zstd")
 # A batch is encoded in one `encode_batch` call: large enough to keep the Rust threads busy,
-# bounded in characters so a run of huge documents can't exhaust memory.
-BATCH_RECORDS = 1024
+# bounded in characters (and records: sources.BATCH_RECORDS) so huge documents can't exhaust memory.
 BATCH_CHARS = 16 << 20
-# Reading errors that make a file "unreadable" (reported), as opposed to bugs or a full disk.
-READ_ERRORS = (OSError, EOFError, ValueError, zstandard.ZstdError)
 
 
 class TokenizeError(RuntimeError):
     """The run finished but its output must not be used as is (unreadable files, no documents)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Skip:
-    """A record that yields no document, and why (one of SKIP_REASONS)."""
-
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """One input: a file, or a directory written by `datasets.Dataset.save_to_disk`."""
-
-    path: str
-    kind: str  # "json" | "text" | "parquet" | "arrow"
-    size: int
-
-    @property
-    def key(self) -> str:
-        """Shard name prefix: readable file name plus a hash of the full path (unique)."""
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.path).name)[:60]
-        return f"{name}-{hashlib.sha1(self.path.encode()).hexdigest()[:8]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,206 +177,6 @@ def _chat_tokenizer(tokenizer_dir: str) -> Any:
             "tokenizer_config.json): use the teacher's tokenizer directory, or drop --chat_field"
         )
     return tokenizer
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def _kind(path: Path) -> str | None:
-    name = path.name
-    compressed = name.endswith(COMPRESSIONS)
-    if compressed:
-        name = name[: name.rfind(".")]
-    kind = FORMATS.get(Path(name).suffix)
-    return None if kind == "parquet" and compressed else kind
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
-
-
-def find_sources(
-    inputs: str | Path | Sequence[str | Path], exclude: Path | None = None
-) -> tuple[list[Source], list[str]]:
-    """Resolves files, directories (walked recursively) and globs into sorted sources.
-
-    Returns (sources, ignored): files met while walking directories that have no known format
-    are returned as `ignored` (reported, not read); an explicitly named one is an error.
-    """
-    specs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-    found: dict[str, Source] = {}
-    ignored: list[str] = []
-
-    def add(path: Path, kind: str) -> None:
-        files = path.rglob("*") if kind == "arrow" else [path]
-        found[str(path)] = Source(str(path), kind, sum(f.stat().st_size for f in files if f.is_file()))
-
-    for spec in map(str, specs):
-        matches = sorted(glob.glob(spec, recursive=True)) if any(c in spec for c in "*?[") else [spec]
-        if not matches:
-            raise FileNotFoundError(f"--input {spec!r} matches no file")
-        for match in matches:
-            path = Path(match).resolve()
-            if not path.exists():
-                raise FileNotFoundError(f"--input {path}: no such file or directory")
-            if path.is_file():
-                if (kind := _kind(path)) is None:
-                    raise ValueError(
-                        f"--input {path}: unknown format (expected .jsonl/.json/.txt, optionally .gz/.zst, "
-                        ".parquet, or a datasets save_to_disk directory)"
-                    )
-                add(path, kind)
-                continue
-            for root, dirs, files in os.walk(path):
-                root_path = Path(root)
-                if _is_saved_dataset(root_path):
-                    add(root_path, "arrow")
-                    dirs.clear()
-                    continue
-                dirs[:] = sorted(d for d in dirs if exclude is None or root_path / d != exclude)
-                for file in sorted(files):
-                    if (kind := _kind(root_path / file)) is None:
-                        ignored.append(str(root_path / file))
-                    else:
-                        add(root_path / file, kind)
-    if not found:
-        raise ValueError(f"--input {specs} holds no input files of a known format (ignored: {ignored[:5]})")
-    return sorted(found.values(), key=lambda s: s.path), ignored
-
-
-def split_sources(sources: list[Source], num_splits: int, split_index: int) -> list[Source]:
-    """The sources of split `split_index`: greedy by size (largest first), so splits balance."""
-    if not 0 <= split_index < num_splits:
-        raise ValueError(f"split_index must be in [0, num_splits={num_splits}), got {split_index}")
-    loads = [0] * num_splits
-    mine = set()
-    for source in sorted(sources, key=lambda s: (-s.size, s.path)):
-        split = min(range(num_splits), key=lambda i: (loads[i], i))
-        loads[split] += source.size
-        if split == split_index:
-            mine.add(source.path)
-    return [s for s in sources if s.path in mine]
-
-
-# ----------------------------------------------------------------------------- readers
-# A reader yields one value per record, from record `start` on: the field's value (None when
-# absent) or a Skip. Record numbers must be stable across runs: they are the resume points.
-
-
-class _ZstdFile(io.RawIOBase):
-    """A (multi-frame) zstd file as a byte stream. zstandard's stream_reader ends quietly in
-    a cut-off frame; a truncated download must be an error, so frames are tracked here."""
-
-    def __init__(self, path: str):
-        self._file = open(path, "rb")
-        self._frame = zstandard.ZstdDecompressor().decompressobj()
-        self._in_frame = False  # data of the current frame was fed and its end not yet seen
-        self._out = memoryview(b"")
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while self._pos == len(self._out):
-            data = self._file.read(1 << 20)
-            if not data:
-                if self._in_frame:
-                    raise EOFError(f"{self._file.name}: zstd stream is truncated (its last frame is cut off)")
-                return 0
-            out = []
-            while data:
-                if self._frame.eof:  # the previous frame ended: the rest starts a new one
-                    self._frame = zstandard.ZstdDecompressor().decompressobj()
-                out.append(self._frame.decompress(data))
-                data = self._frame.unused_data if self._frame.eof else b""
-            self._in_frame = not self._frame.eof
-            self._out, self._pos = memoryview(b"".join(out)), 0
-        n = min(len(buffer), len(self._out) - self._pos)
-        buffer[:n] = self._out[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-def _open_binary(path: str) -> BinaryIO:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith((".zst", ".zstd")):
-        return io.BufferedReader(_ZstdFile(path), buffer_size=1 << 20)
-    return open(path, "rb")
-
-
-def _field(record: Any, field: str) -> Any:
-    return record.get(field) if isinstance(record, dict) else None
-
-
-def _read_json(path: str, field: str, start: int) -> Iterator[Any]:
-    with _open_binary(path) as f:
-        if f.peek(1 << 16).lstrip()[:1] == b"[":  # one JSON array (e.g. OpenHermes-2.5's file)
-            yield from (_field(r, field) for r in json.load(f)[start:])
-            return
-        for line in itertools.islice((line for line in f if not line.isspace()), start, None):
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield Skip("bad_utf8")
-                continue
-            except ValueError:
-                yield Skip("bad_json")
-                continue
-            yield _field(record, field)
-
-
-def _read_text(path: str, field: str, start: int) -> Iterator[Any]:
-    if start == 0:
-        with _open_binary(path) as f:
-            data = f.read()
-        try:
-            yield data.decode("utf-8")
-        except UnicodeDecodeError:
-            yield Skip("bad_utf8")
-
-
-def _require_column(path: str, columns: list[str], field: str) -> None:
-    if field not in columns:
-        raise ValueError(f"{path} has no column {field!r} (columns: {columns}): pass --text_field or --chat_field")
-
-
-def _read_parquet(path: str, field: str, start: int) -> Iterator[Any]:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
-    _require_column(path, parquet.schema_arrow.names, field)
-    first_group = 0  # skip whole row groups from the metadata, without reading them
-    while first_group < parquet.num_row_groups and start >= (rows := parquet.metadata.row_group(first_group).num_rows):
-        start -= rows
-        first_group += 1
-    batches = parquet.iter_batches(
-        batch_size=BATCH_RECORDS, row_groups=range(first_group, parquet.num_row_groups), columns=[field]
-    )
-    yield from itertools.islice(itertools.chain.from_iterable(b.column(0).to_pylist() for b in batches), start, None)
-
-
-def _read_saved_dataset(path: str, field: str, start: int) -> Iterator[Any]:
-    import datasets
-
-    dataset = datasets.load_from_disk(path)
-    _require_column(path, dataset.column_names, field)
-    dataset = dataset.select_columns([field]).select(range(start, len(dataset)))  # contiguous: no copy
-    for batch in dataset.iter(batch_size=BATCH_RECORDS):
-        yield from batch[field]
-
-
-READERS: dict[str, Callable[[str, str, int], Iterator[Any]]] = {
-    "json": _read_json,
-    "text": _read_text,
-    "parquet": _read_parquet,
-    "arrow": _read_saved_dataset,
-}
 
 
 # ----------------------------------------------------------------------------- documents
@@ -604,13 +375,15 @@ class _SourceShards:
 
 
 def tokenize_source(
-    source: Source, config: TokenizeConfig, tokenizer_dir: str, output: Path, progress: Callable[[int], Any]
+    source: Source, config: TokenizeConfig, tokenizer_dir: str, output: Path, progress: Callable[[int], Any],
+    keep_partial: bool = False,
 ) -> dict[str, Any]:
     """Tokenizes one source into shards (resuming a previous run); returns its report.
 
     The report has the source's counts, its read error if any (the file could not be read to
-    the end: the shards finished before it are kept, and a rerun retries from there), and its
-    shard records. A source read to the end is marked done by its `_done_file`.
+    the end: the shards finished before it are kept, and a rerun retries from there; with
+    `keep_partial` (--allow_errors) so are the documents read since the last one), and its shard
+    records. A source read to the end is marked done by its `_done_file`.
     """
     shards = _SourceShards(source, config, output)
     tokenizer = _process_tokenizer(tokenizer_dir)
@@ -633,7 +406,7 @@ def tokenize_source(
                 tokens, lengths = encode(tokenizer, batch.texts, batch.piece_doc, config.eos_id, config.vocab_size)
                 shards.add(tokens, lengths, batch.doc_records)
                 progress(tokens.size)
-        if not error and shards.writer is not None:
+        if shards.writer is not None and (not error or keep_partial):
             shards.close(records)
     finally:
         if shards.writer is not None:
@@ -673,10 +446,17 @@ def _report_progress(tokens: int) -> None:
     _progress_queue.put(tokens)
 
 
+def _tokenize_in_worker(source: Source, *args) -> dict[str, Any]:
+    _progress_queue.put(source.path)  # started: named if this worker dies
+    return tokenize_source(source, *args)
+
+
 def _run(
-    sources: list[Source], config: TokenizeConfig, tokenizer_dir: str, output: Path, workers: int | None, progress: bool
+    sources: list[Source], config: TokenizeConfig, tokenizer_dir: str, output: Path, workers: int | None,
+    progress: bool, keep_partial: bool = False,
 ) -> list[dict[str, Any]]:
-    """Tokenizes the sources not done yet, in `workers` processes; returns all reports."""
+    """Tokenizes the sources not done yet, in `workers` processes; returns all reports. A worker
+    that dies (killed, out of memory) fails the run at once, naming the files it had in hand."""
     earlier = {s.path: _finished_report(output, s) for s in sources}
     reports = [r for r in earlier.values() if r is not None]
     todo = [s for s in sources if earlier[s.path] is None]
@@ -691,25 +471,37 @@ def _run(
     )
     with bar:
         if workers == 1:  # in-process: tokenizers' own threads use every core
-            return reports + [tokenize_source(s, config, tokenizer_dir, output, bar.update) for s in todo]
+            return reports + [tokenize_source(s, config, tokenizer_dir, output, bar.update, keep_partial) for s in todo]
         context = multiprocessing.get_context("spawn")  # fork would copy the parent's tokenizer threads
         progress_queue = context.Queue()
         initargs = (max(1, cpus // workers), progress_queue)
-        with context.Pool(workers, _init_worker, initargs) as pool:  # leaving it terminates the workers
-            args = [(s, config, tokenizer_dir, output, _report_progress) for s in todo]
-            results = [pool.apply_async(tokenize_source, a) for a in args]
-            while not all(r.ready() for r in results):
-                try:
-                    bar.update(progress_queue.get(timeout=0.5))
-                    while True:
-                        bar.update(progress_queue.get_nowait())
-                except queue.Empty:
-                    pass
-                for result in results:
-                    if result.ready() and not result.successful():
-                        result.get()  # re-raise a worker's failure now, not after every other file
-                bar.set_postfix(files=f"{sum(r.ready() for r in results)}/{len(results)}")
-            return reports + [r.get() for r in results]
+        started: set[str] = set()
+        # ProcessPoolExecutor, not Pool: a worker that dies breaks it (BrokenProcessPool) instead of
+        # leaving its task unfinished forever.
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs) as pool:
+            futures = {pool.submit(_tokenize_in_worker, s, config, tokenizer_dir, output, _report_progress,
+                                   keep_partial): s for s in todo}
+            pending = set(futures)
+            try:
+                while pending:
+                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    try:
+                        while True:
+                            message = progress_queue.get_nowait()
+                            started.add(message) if isinstance(message, str) else bar.update(message)
+                    except queue.Empty:
+                        pass
+                    for future in done:
+                        future.result()  # re-raise a worker's failure now, not after every other file
+                    bar.set_postfix(files=f"{len(futures) - len(pending)}/{len(futures)}")
+            except BrokenProcessPool:
+                finished = {futures[f].path for f in futures if f.done() and not f.exception()}
+                lost = sorted(started - finished) or sorted(s.path for s in todo if s.path not in finished)
+                raise TokenizeError(
+                    f"a tokenizer worker died (killed, or out of memory?) while tokenizing {', '.join(lost)}: what "
+                    f"was finished is kept; rerun with the same arguments to resume (fewer --workers if memory "
+                    f"ran out)") from None
+            return reports + [f.result() for f in futures]
 
 
 def _manifest(base: dict[str, Any], reports: list[dict[str, Any]], ignored: list[str]) -> dict[str, Any]:
@@ -741,6 +533,22 @@ def _summary(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+OUTPUT_FILES = ("*.bin", "*.idx", "*.json", "*.tmp")  # what a token-set directory holds
+
+
+def _clear_output(output: Path) -> None:
+    """--overwrite: removes an earlier token set's files; refuses a directory holding others."""
+    if not output.is_dir():
+        return
+    ours = {p for pattern in OUTPUT_FILES for p in output.glob(pattern)}
+    others = sorted(str(p) for p in output.iterdir() if p not in ours)
+    if others:
+        raise ValueError(f"--overwrite: {output} holds files that are not a token set's ({', '.join(others[:3])}): "
+                         f"choose another --output")
+    for path in ours:
+        path.unlink()
+
+
 def _check_output(output: Path, config: TokenizeConfig) -> None:
     """Refuses to mix shards made with other settings into an existing output directory."""
     file = output / "config.json"
@@ -751,7 +559,7 @@ def _check_output(output: Path, config: TokenizeConfig) -> None:
         if changed:
             raise ValueError(
                 f"{output} holds shards made with other settings ({', '.join(changed)} differ, see {file}): "
-                "use a new --output, or delete it to start over"
+                "use a new --output, or pass --overwrite to start over"
             )
     else:
         write_json_atomic(file, current)
@@ -772,6 +580,8 @@ def tokenize_corpus(
     split_index: int = 0,
     allow_errors: bool = False,
     progress: bool = True,
+    split: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Tokenizes `input` into the token set directory `output`; returns the manifest written.
 
@@ -785,20 +595,25 @@ def tokenize_corpus(
     eos_token: the token appended to every document (default: tokenizer_config.json's eos_token).
     num_splits, split_index: process one part of the inputs (Slurm arrays); the part writes
         manifest.split-I-of-N.json, and `merge_splits` writes manifest.json.
-    allow_errors: write the manifest even if some files could not be read to the end.
+    allow_errors: write the manifest even if some files could not be read to the end, with what
+        was read of them before the error.
     progress: show a progress bar with tokens/s (on stderr).
+    split: the split to read of a `datasets.DatasetDict` saved to disk (e.g. train).
+    overwrite: delete an earlier token set in `output` first, instead of resuming it.
 
     Raises TokenizeError (after printing the per-file report) when files could not be read
     or no document came out; ValueError / FileNotFoundError for bad settings or inputs.
     """
     out = Path(output).resolve()
     config = make_config(tokenizer, text_field, chat_field, max_chars, long_docs, shard_tokens, eos_token)
-    sources, ignored = find_sources(input, exclude=out)
+    sources, ignored = find_sources(input, exclude=out, split=split)
     mine = split_sources(sources, num_splits, split_index)
+    if overwrite:
+        _clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_output(out, config)
     tokenizer_dir = str(Path(tokenizer).resolve())
-    reports = _run(mine, config, tokenizer_dir, out, workers, progress)
+    reports = _run(mine, config, tokenizer_dir, out, workers, progress, keep_partial=allow_errors)
     base = {
         "format": "lrc_dist.tokens",
         "format_version": FORMAT_VERSION,
@@ -836,7 +651,7 @@ def tokenize_corpus(
 def merge_splits(output: str) -> dict[str, Any]:
     """Combines the split manifests of a token set directory into its manifest.json."""
     out = Path(output)
-    parts = [json.loads(p.read_text()) for p in sorted(out.glob("manifest.split-*-of-*.json"))]
+    parts = [read_manifest(p) for p in sorted(out.glob("manifest.split-*-of-*.json"))]
     if not parts:
         raise FileNotFoundError(
             f"{out} has no manifest.split-*-of-*.json: run the splits (slurm/tokenize_array.sh) first"
