@@ -2,7 +2,7 @@
 
 A teacher whose tokenizer differs from the student's reads the same text as other tokens, so
 its position i and the student's position j can be compared only where both have read the same
-text and both are asked to predict the same next token (shared/method/DSKD.md, "exact token
+text and both are asked to predict the same next token (docs/METHOD.md, "exact token
 alignment"). This module finds those positions exactly:
 
     retokenize = TeacherRetokenizer("assets/tokenizers/gpt2", "assets/tokenizers/whisper_multilingual")

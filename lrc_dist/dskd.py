@@ -1,5 +1,5 @@
 """Dual-Space Knowledge Distillation (DSKD, Zhang et al. 2024/2025) for teacher and student sharing a
-vocabulary; the method is described in shared/method/DSKD.md.
+vocabulary; the method is described in docs/METHOD.md.
 
 Logit KD compares distributions produced by two different heads. DSKD instead decodes both models'
 hidden states with one head at a time:

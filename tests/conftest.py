@@ -120,3 +120,19 @@ def tiny_job(tmp_path_factory):
     build_tokenizer(teacher, root / "corpus.jsonl")
     tokenize_corpus(str(root / "corpus.jsonl"), teacher, str(root / "tokens"), workers=1, progress=False)
     return teacher, str(root / "tokens")
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """(out dir, stdout) of `python -m lrc_dist.demo --preset quick --dskd`, run once a session:
+    its teacher, token sets and exports serve the README's commands too."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("runs") / "demo_quick"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "lrc_dist.demo", "--out", str(out), "--preset", "quick", "--dskd"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, proc.stdout

@@ -10,11 +10,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_demo_quick_preset_end_to_end(tmp_path):
+def test_demo_quick_preset_end_to_end(quick_demo):
+    tmp_path, _ = quick_demo
     env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "lrc_dist.demo", "--out", str(tmp_path), "--preset", "quick", "--dskd"],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"teacher", "lrc", "lrc_no_clone", "kd", "lrc_dskd", "kd_dskd"}
     assert results["lrc"]["params"] == results["kd"]["params"] < results["teacher"]["params"]
