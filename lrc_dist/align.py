@@ -136,7 +136,7 @@ def exact_token_alignment(
 
     Markers ("▁", "Ġ") are stripped; two pointers walk the sequences keeping the text read so
     far on each side. "The next token" of a side is the one right after its accumulated text
-    (token i itself, not i + 1): DSKD.md's example aligns teacher "my" (0) with student "my" (0)
+    (token i itself, not i + 1): the DSKD paper's example (docs/METHOD.md) aligns teacher "my" (0) with student "my" (0)
     although "boy" != "boyfri" follow, and "good" (7, 5) although "peop" != "people" follow.
     A pair is recorded when the accumulated texts are equal and the next tokens are equal (or
     both EOS); then the side with the shorter text reads its next token, both sides on equal

@@ -44,5 +44,6 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Distillat
         model.init_weights(cfg.seed)
     if cfg.loss.dskd_weight:
         model.enable_dual_space()
-        model.dual_space.lr_scale = cfg.optim.dskd_projector_lr_scale or projector_lr_scale(model)
+        scale = cfg.optim.dskd_projector_lr_scale
+        model.dual_space.lr_scale = projector_lr_scale(model) if scale is None else scale
     return model

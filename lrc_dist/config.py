@@ -15,6 +15,7 @@ import difflib
 import functools
 import importlib.util
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -86,6 +87,10 @@ class DataConfig:
     teacher_max_len: int | None = None
     """cross-tokenizer KD: the most teacher tokens a window's text may take (the rest go
     unaligned); null: 2 * seq_len"""
+
+    def mixture_weights(self) -> list[float] | None:
+        """The weights the mixture uses: none (equal) for a single path, whatever a recipe says."""
+        return self.weights if self.weights is not None and len(self.paths) > 1 else None
 
 
 @dataclass
@@ -242,7 +247,23 @@ def read_tree(path: str | Path) -> dict:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(tree).__name__}.")
-    return tree
+    return _drop_empty_sections(tree, TrainConfig)
+
+
+def _drop_empty_sections(tree: dict, cls) -> dict:
+    """A section whose keys are all commented out reads as null in YAML: it means the defaults."""
+    sections = {f.name: f.type for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in tree.items():
+        kind = hints.get(key) if key in sections else None
+        if kind is not None and dataclasses.is_dataclass(kind):
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                value = _drop_empty_sections(value, kind)
+        out[key] = value
+    return out
 
 
 def keys() -> list[str]:
@@ -319,14 +340,18 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
     parser = arg_parser()
     path = argv[0] if argv and not argv[0].startswith("-") else None
+    tree = read_tree(path) if path else None  # its own ConfigError: the file is missing or no mapping
     try:
-        base = parser.parse_object(read_tree(path)) if path else None
+        base = parser.parse_object(tree) if path else None
     except (ArgumentError, TypeError, ValueError) as e:
         raise _explain(e, path) from None
     try:
-        return _instantiate(parser.parse_args(argv[1:] if path else argv, namespace=base))
+        namespace = parser.parse_args(argv[1:] if path else argv, namespace=base)
     except (ArgumentError, TypeError, ValueError) as e:
         raise _explain(e, "the command line") from None
+    if path is None and namespace.config:
+        raise ConfigError(f"CONFIG ({namespace.config}) must come first, before the --key=value overrides")
+    return _instantiate(namespace)
 
 
 def to_dict(cfg) -> dict:

@@ -58,7 +58,7 @@ STUDENTS = {
     "lrc_no_clone": ("LRC without clone loss", {"loss.clone_weight": 0.0}),
     "kd": ("plain KD, random init", {"model.method": "kd"}),
 }
-# --dskd: the dual-space objective (DSKD.md's recipe, 0.5 CE + 0.5 L_kd) instead of the KL term.
+# --dskd: the dual-space objective (DSKD's recipe, 0.5 CE + 0.5 L_kd; docs/METHOD.md) instead of the KL term.
 DSKD = {"loss.dskd_weight": 0.5, "loss.kl_weight": 0.0, "loss.lm_weight": 0.5}
 DSKD_STUDENTS = {
     "lrc_dskd": ("LRC, DSKD instead of KL", DSKD),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,8 +231,11 @@ def main(source: str, out_dir: str, teacher: str | None = None, dtype: str = "bf
 
 
 def cli() -> None:
-    """`lrc-export` / `python -m lrc_dist.export`."""
-    fire.Fire(main, name="lrc-export")
+    """`lrc-export` / `python -m lrc_dist.export`: bad input is one message and exit code 2."""
+    try:
+        fire.Fire(main, name="lrc-export")
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ class ShardInfo:
         return cls(**{f.name: entry[f.name] for f in dataclasses.fields(cls)})
 
 
-MANIFEST_KEYS = ("format", "format_version", "tokenizer", "dtype", "num_tokens", "num_docs", "shards", "sources")
+MANIFEST_KEYS = ("format", "format_version", "tokenizer", "dtype", "config", "num_tokens", "num_docs", "shards",
+                 "sources", "ignored_paths")
 TOKENIZER_KEYS = ("name", "path", "sha256", "vocab_size", "eos_id")
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -369,7 +370,11 @@ def load_lrc(path: str | Path, teacher_path: str | Path | None = None, dtype: to
     teacher = teacher_path or meta["teacher"]
     check_teacher(teacher, meta.get("teacher_fingerprint"), path / LRC_CONFIG_FILE)
     model = LowRankClone(CausalLM.from_pretrained(teacher, dtype=dtype), LRCConfig(**meta["lrc"]))
-    state = {k: v.to(dtype) for k, v in load_file(str(path / LRC_WEIGHTS_FILE)).items()}
+    try:
+        state = {k: v.to(dtype) for k, v in load_file(str(path / LRC_WEIGHTS_FILE)).items()}
+    except (SafetensorError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path / LRC_WEIGHTS_FILE} cannot be read ({e}): it is missing, truncated or "
+                              f"corrupt.") from None
     expected = model.trainable_state_dict()
     if set(state) != set(expected):
         raise CheckpointError(f"{path / LRC_WEIGHTS_FILE} does not fit teacher {meta['teacher']}: "

@@ -184,3 +184,22 @@ def console_line(step: int, total: int | None, m: dict) -> str:
     if m.get("memory_gb") is not None:
         parts.append(f"{m['memory_gb']:.2f} GB")
     return " | ".join(parts)
+
+
+class AgreementWatch:
+    """Warns, once a run, when DSKD's dskd/agree falls to under half of the highest value logged
+    (at least 0.5): the masked student-space term then trains on few tokens."""
+
+    def __init__(self):
+        self.best, self.warned = 0.0, False
+
+    def update(self, agree: float | None) -> str | None:
+        if agree is None or agree != agree or self.warned:
+            return None
+        if self.best >= 0.5 and agree < 0.5 * self.best:
+            self.warned = True
+            return (f"WARNING: dskd/agree fell from {self.best:.2f} to {agree:.2f}: on most tokens the projected teacher "
+                    f"no longer predicts the teacher's token, so the masked student-space DSKD term trains on few of "
+                    f"them; raise optim.dskd_projector_lr_scale or set loss.dskd_mask=false.")
+        self.best = max(self.best, agree)
+        return None

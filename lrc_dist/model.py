@@ -388,6 +388,8 @@ def teacher_fingerprint(path: str | Path) -> str:
     weight file's name, size and sampled blocks (seconds even for a 7B model, not a full read).
     Stored with what was trained against a teacher, so that another teacher at that path is caught."""
     path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json; pass the directory of a local Hugging Face checkpoint.")
     digest = hashlib.sha256((path / "config.json").read_bytes())
     for file in weight_files(path):
         digest.update(f"{file.name}:{file.stat().st_size}:{sampled_digest(file)}".encode())

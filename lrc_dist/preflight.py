@@ -10,18 +10,27 @@ It reads only small files: config.json, tokenizer.json, the token sets' manifest
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lrc_dist.config import ConfigError, TrainConfig
 from lrc_dist.data import misfit
 from lrc_dist.indexed_dataset import read_manifest
-from lrc_dist.model import INVALID_CONFIG, CheckpointError, ModelArgs, load_config, resized_config
+from lrc_dist.model import INVALID_CONFIG, CheckpointError, ModelArgs, load_config, resized_config, weight_files
 from lrc_dist.resources import shipped
 
 
-def check(cfg: TrainConfig, world_size: int) -> None:
-    """Raise ConfigError listing every problem of `cfg` for a job of `world_size` ranks."""
+def check(cfg: TrainConfig, world_size: int, gather: bool = False) -> None:
+    """Raise ConfigError listing every problem of `cfg` for a job of `world_size` ranks. With
+    `gather` (a collective), every rank raises the problems any rank found, so that rank 0 can
+    name one that only another node sees (a path missing there)."""
     found = problems(cfg, world_size)
+    if gather:
+        import torch.distributed as dist
+
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, found)
+        found = list(dict.fromkeys(p for rank in everyone for p in rank))
     if found:
         raise ConfigError(found)
 
@@ -35,10 +44,28 @@ def problems(cfg: TrainConfig, world_size: int) -> list[str]:
     found += _models(cfg)
     found += _data(cfg)
     if cfg.parallel.backend == "deepspeed":
-        if not shipped(cfg.parallel.deepspeed_config).is_file():
-            found.append(f"parallel.deepspeed_config={cfg.parallel.deepspeed_config} does not exist; use one of "
-                         f"ds_configs/ (zero3.json, zero2.json, zero3_offload.json) or your own JSON file")
+        found += _deepspeed(cfg.parallel.deepspeed_config)
+    if cfg.model.method != "lrc" and cfg.parallel.shard_generation:
+        found.append(f"parallel.shard_generation shares out LRC's weight generation; model.method={cfg.model.method} "
+                     f"generates none: set it to false")
+    if cfg.model.method == "lm" and cfg.loss.dskd_weight:
+        found.append("loss.dskd_weight needs a teacher; model.method=lm has none: set it to 0 or use kd/lrc")
     return found
+
+
+def _deepspeed(path: str) -> list[str]:
+    file = shipped(path)
+    if not file.is_file():
+        return [f"parallel.deepspeed_config={path} does not exist; use one of ds_configs/ (zero3.json, zero2.json, "
+                f"zero3_offload.json) or your own JSON file"]
+    try:
+        zero = json.loads(file.read_text()).get("zero_optimization", {})
+    except (json.JSONDecodeError, AttributeError) as e:
+        return [f"parallel.deepspeed_config={path} is not a JSON object ({e})"]
+    if zero.get("stage", 0) < 1 or zero.get("compute_grad_norm") is False:
+        return [f"parallel.deepspeed_config={path}: lrc_dist needs zero_optimization.stage >= 1 with "
+                f"compute_grad_norm on, so that a step with a non-finite loss can be skipped; see ds_configs/"]
+    return []
 
 
 def _ranges(cfg: TrainConfig) -> list[str]:
@@ -65,6 +92,12 @@ def _ranges(cfg: TrainConfig) -> list[str]:
         found.append(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must be in [0, 1]")
     if cfg.optim.warmup >= 1 and cfg.optim.warmup != int(cfg.optim.warmup):
         found.append(f"optim.warmup={cfg.optim.warmup}: a step count (>= 1) must be whole; a fraction is < 1")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        found.append(f"optim.betas={list(cfg.optim.betas)}: each must be in [0, 1)")
+    if cfg.optim.eps < 0:
+        found.append(f"optim.eps={cfg.optim.eps} must not be negative")
+    if cfg.optim.dskd_projector_lr_scale is not None and cfg.optim.dskd_projector_lr_scale <= 0:
+        found.append(f"optim.dskd_projector_lr_scale={cfg.optim.dskd_projector_lr_scale} must be positive (or null)")
     if cfg.loss_spike_factor is not None and cfg.loss_spike_factor <= 1:
         found.append(f"loss_spike_factor={cfg.loss_spike_factor} must exceed 1 (or be null: off)")
     return found
@@ -78,6 +111,8 @@ def _hf_config(key: str, path: str, found: list[str]):
     try:
         config = load_config(path)
         ModelArgs.from_hf(config, str(Path(path) / "config.json"))
+        if key == "model.teacher":
+            weight_files(path)  # a teacher without (usable) weights fails now, not after the others load
         return config
     except CheckpointError as e:
         found.append(f"{key}: {e}")
@@ -115,7 +150,7 @@ def _data(cfg: TrainConfig) -> list[str]:
     d, m, found = cfg.data, cfg.model, []
     if not d.paths:
         return ["data.paths is empty: pass token-set directories written by data_prep/tokenize.py"]
-    if d.weights is not None and len(d.paths) > 1:  # a single path needs none (a recipe's are ignored)
+    if d.mixture_weights() is not None:  # a single path needs none (a recipe's are ignored)
         if len(d.weights) != len(d.paths):
             found.append(f"data.weights has {len(d.weights)} weights for {len(d.paths)} data.paths; give one per path, "
                          f"or --data.weights=null to weigh them equally")

@@ -478,30 +478,35 @@ def _run(
         started: set[str] = set()
         # ProcessPoolExecutor, not Pool: a worker that dies breaks it (BrokenProcessPool) instead of
         # leaving its task unfinished forever.
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs) as pool:
-            futures = {pool.submit(_tokenize_in_worker, s, config, tokenizer_dir, output, _report_progress,
-                                   keep_partial): s for s in todo}
-            pending = set(futures)
-            try:
-                while pending:
-                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    try:
-                        while True:
-                            message = progress_queue.get_nowait()
-                            started.add(message) if isinstance(message, str) else bar.update(message)
-                    except queue.Empty:
-                        pass
-                    for future in done:
-                        future.result()  # re-raise a worker's failure now, not after every other file
-                    bar.set_postfix(files=f"{len(futures) - len(pending)}/{len(futures)}")
-            except BrokenProcessPool:
-                finished = {futures[f].path for f in futures if f.done() and not f.exception()}
-                lost = sorted(started - finished) or sorted(s.path for s in todo if s.path not in finished)
-                raise TokenizeError(
-                    f"a tokenizer worker died (killed, or out of memory?) while tokenizing {', '.join(lost)}: what "
-                    f"was finished is kept; rerun with the same arguments to resume (fewer --workers if memory "
-                    f"ran out)") from None
-            return reports + [f.result() for f in futures]
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs)
+        futures = {pool.submit(_tokenize_in_worker, s, config, tokenizer_dir, output, _report_progress,
+                               keep_partial): s for s in todo}
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                try:
+                    while True:
+                        message = progress_queue.get_nowait()
+                        started.add(message) if isinstance(message, str) else bar.update(message)
+                except queue.Empty:
+                    pass
+                for future in done:
+                    future.result()  # re-raise a worker's failure now, not after every other file
+                bar.set_postfix(files=f"{len(futures) - len(pending)}/{len(futures)}")
+        except BrokenProcessPool:
+            finished = {futures[f].path for f in futures if f.done() and not f.exception()}
+            lost = sorted(started - finished) or sorted(s.path for s in todo if s.path not in finished)
+            raise TokenizeError(
+                f"a tokenizer worker died (killed, or out of memory?) while tokenizing {', '.join(lost)}: what "
+                f"was finished is kept; rerun with the same arguments to resume (fewer --workers if memory "
+                f"ran out)") from None
+        finally:  # on any failure, stop at once: no queued file is started, no worker is left running
+            processes = list((pool._processes or {}).values())  # the executor offers no public handle
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+        return reports + [f.result() for f in futures]
 
 
 def _manifest(base: dict[str, Any], reports: list[dict[str, Any]], ignored: list[str]) -> dict[str, Any]:
@@ -533,13 +538,18 @@ def _summary(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-OUTPUT_FILES = ("*.bin", "*.idx", "*.json", "*.tmp")  # what a token-set directory holds
+# What tokenize_corpus writes into an output directory (shards are SOURCEKEY-NNNNN.*).
+OUTPUT_FILES = ("config.json", "manifest.json", "manifest.split-*-of-*.json", "*.source.json",
+                "*-[0-9][0-9][0-9][0-9][0-9].bin", "*-[0-9][0-9][0-9][0-9][0-9].idx",
+                "*-[0-9][0-9][0-9][0-9][0-9].json", "*.tmp")
 
 
 def _clear_output(output: Path) -> None:
     """--overwrite: removes an earlier token set's files; refuses a directory holding others."""
     if not output.is_dir():
         return
+    if not (output / "config.json").is_file():
+        raise ValueError(f"--overwrite: {output} holds no token set (no config.json): choose another --output")
     ours = {p for pattern in OUTPUT_FILES for p in output.glob(pattern)}
     others = sorted(str(p) for p in output.iterdir() if p not in ours)
     if others:
@@ -608,6 +618,9 @@ def tokenize_corpus(
     config = make_config(tokenizer, text_field, chat_field, max_chars, long_docs, shard_tokens, eos_token)
     sources, ignored = find_sources(input, exclude=out, split=split)
     mine = split_sources(sources, num_splits, split_index)
+    if overwrite and num_splits > 1:
+        raise ValueError("--overwrite with --num_splits: every split would delete the others' shards; clear the "
+                         "output once before the array runs instead")
     if overwrite:
         _clear_output(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,12 @@ def _is_saved_dataset(path: Path) -> bool:
 def _dataset_dict_splits(path: Path) -> list[str] | None:
     """The splits of a `datasets.DatasetDict` saved to disk at `path`, or None if it is none."""
     file = path / "dataset_dict.json"
-    return json.loads(file.read_text()).get("splits", []) if file.is_file() else None
+    if not file.is_file():
+        return None
+    try:
+        return list(json.loads(file.read_text())["splits"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{file} is not a datasets DatasetDict index ({type(e).__name__}: {e})") from None
 
 
 def _unlistable(error: OSError) -> None:

@@ -35,7 +35,7 @@ from lrc_dist.config import ConfigError, TrainConfig, parse_args, resume_changes
 from lrc_dist.data import DistributedBatches, PackedMixture, TokenSet
 from lrc_dist.export import export_run
 from lrc_dist.lrc import check_teacher
-from lrc_dist.metrics import MetricsLogger, add_to_interval, human, interval_means, memory_gb, new_interval, peak_flops
+from lrc_dist.metrics import AgreementWatch, MetricsLogger, add_to_interval, human, interval_means, memory_gb, new_interval, peak_flops
 from lrc_dist.model import CheckpointError, teacher_fingerprint
 from lrc_dist.parallel import DistInfo, build_backend, init_distributed
 
@@ -84,8 +84,7 @@ def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int,
     sets = [TokenSet.open(p, verify=d.verify) for p in d.paths]
     for token_set in sets:
         token_set.check_teacher(vocab_size, cfg.model.tokenizer_dir())
-    weights = d.weights if d.weights and len(sets) > 1 else [1.0] * len(sets)  # one set needs no weight
-    mixture = PackedMixture(sets, weights, d.seq_len, seed=d.seed,
+    mixture = PackedMixture(sets, d.mixture_weights() or [1.0] * len(sets), d.seq_len, seed=d.seed,
                             num_samples=cfg.steps * cfg.global_batch_size)
     batches = iter(DistributedBatches(mixture, cfg.micro_batch_size, rank, world_size, consumed_samples))
     if not cross_tokenizer:
@@ -122,6 +121,9 @@ def check_resume(saved: dict, path: Path, cfg: TrainConfig, info: DistInfo) -> N
             check_teacher(cfg.model.teacher, saved["teacher_fingerprint"], path)
         except CheckpointError as e:
             raise ConfigError(f"model.teacher: {e}") from None
+    if cfg.loss.dskd_weight and "dskd_projector_lr_scale" not in saved.get("config", {}).get("optim", {}):
+        raise ConfigError(f"{path} predates the DSKD projector's own learning rate (optim.dskd_projector_lr_scale): "
+                          f"its optimizer state has another layout; start afresh in another checkpoint.dir")
     written = saved.get("world_size", info.world_size)
     if cfg.parallel.backend == "deepspeed" and written != info.world_size:
         raise ConfigError(
@@ -149,7 +151,7 @@ def export_to(path: Path, backend, cfg: TrainConfig, info: DistInfo, state: dict
 
 def startup_summary(cfg: TrainConfig, model, backend, info: DistInfo, grad_accum: int, step: int) -> str:
     """What this run is, in a few lines, before its first step."""
-    params = [(p.numel(), p.requires_grad) for p in model.parameters()]
+    params = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: partitioned
     trainable, frozen = sum(n for n, t in params if t), sum(n for n, t in params if not t)
     tokens = cfg.global_batch_size * cfg.data.seq_len
     m, p = cfg.model, cfg.parallel
@@ -171,7 +173,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     when a stop signal ended it early (with a checkpoint), NonFiniteLossError when it diverged."""
     die_with_launcher()
     info = init_distributed(cfg.device)
-    preflight.check(cfg, info.world_size)
+    preflight.check(cfg, info.world_size, gather=True)
     with StopSignals() as stop, lock_run_dir(cfg.checkpoint.dir, info, cfg.checkpoint.lock_stale_minutes * 60):
         return _train(cfg, info, stop)
 
@@ -211,7 +213,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
     if info.is_main:
         print(startup_summary(cfg, model, backend, info, grad_accum, state["step"]), flush=True)
     tick, tick_step, saved_at = time.perf_counter(), state["step"], time.monotonic()
-    best_agree = 0.0  # the highest dskd/agree logged: a fall to under half of it is warned about
+    agreement = AgreementWatch()
     last = min(cfg.steps, cfg.stop_at or cfg.steps)
     try:
         while state["step"] < last:
@@ -242,14 +244,9 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
                            "tokens_per_s_per_device": tps, "mfu": tps * model_flops / peak if peak else None,
                            "memory_gb": memory_gb(info.device)}
                 logger.log(step, history, cfg.steps)
-                agree = history.get("dskd/agree", float("nan"))
-                if info.is_main and agree < 0.5 * best_agree and best_agree >= 0.5:  # a collapse, once a run
-                    print(f"WARNING: dskd/agree fell from {best_agree:.2f} to {agree:.2f}: on most tokens the projected "
-                          f"teacher no longer predicts the teacher's token, so the masked student-space DSKD term "
-                          f"trains on few of them; raise optim.dskd_projector_lr_scale or set loss.dskd_mask=false.",
-                          flush=True)
-                    best_agree = float("inf")
-                best_agree = max(best_agree, agree) if agree == agree else best_agree
+                warning = agreement.update(history.get("dskd/agree"))
+                if warning and info.is_main:
+                    print(warning, flush=True)
                 state["interval"] = new_interval(state["interval"])
                 tick, tick_step = time.perf_counter(), step
             if state["bad_steps"] >= cfg.max_bad_steps:
@@ -340,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
         code, message = EXIT_DIVERGED, f"diverged: {e}"
     except RunDirLocked as e:
         code, message = EXIT_LOCKED, str(e)
+    except SystemExit as e:  # --help (0), or an argument error of the parser
+        code = e.code if isinstance(e.code, int) else 1
+        raise
     finally:
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
         if dist.is_initialized():

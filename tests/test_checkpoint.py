@@ -345,3 +345,18 @@ def test_export_takes_only_floating_point_dtypes(tmp_path):
 
     with pytest.raises(ValueError, match="'int8' is not a floating-point torch dtype lrc_dist takes; use bfloat16"):
         export(str(tmp_path), str(tmp_path / "out"), dtype="int8")
+
+
+def test_another_teacher_at_the_same_path_is_refused_by_resume_and_export(one_process, tiny_job, tmp_path):
+    from lrc_dist.export import export_checkpoint
+    from lrc_dist.model import CheckpointError
+
+    teacher = shutil.copytree(tiny_job[0], tmp_path / "teacher")
+    cfg = {"model.teacher": str(teacher)}
+    train(tiny_cfg(tiny_job, tmp_path / "run", stop_at=2, **cfg))
+    build_checkpoint(tmp_path / "other", "qwen2", seed=1, vocab_size=300)  # same shapes, other weights
+    shutil.copy(tmp_path / "other/model.safetensors", teacher / "model.safetensors")  # retrained in place
+    with pytest.raises(ConfigError, match=r"model.teacher: .*step_00000002 was trained with another teacher"):
+        train(tiny_cfg(tiny_job, tmp_path / "run", **cfg))
+    with pytest.raises(CheckpointError, match="was trained with another teacher"):
+        export_checkpoint(tmp_path / "run", tmp_path / "out", dtype="float32")

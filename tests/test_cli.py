@@ -129,3 +129,35 @@ def test_under_torchrun_a_user_error_is_printed_once(tiny_job, tmp_path):
     out = proc.stdout + proc.stderr
     assert out.count("log.interval=0 must be at least 1") == 1, out[-3000:]
     assert f'File "{REPO / "lrc_dist"}' not in out, "a traceback from the ranks"  # torchrun adds its own summary
+
+
+def test_config_file_mistakes_are_one_clear_message(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        parse_args(["configs/nope.yaml"])
+    assert str(error.value) == ("a problem with the configuration:\n  - config configs/nope.yaml does not exist; "
+                                "pass a YAML file or a .py recipe (see configs/).")
+    with pytest.raises(ConfigError, match=r"CONFIG \(.*tiny_cpu.yaml\) must come first"):
+        parse_args(["--steps=3", TINY])  # it would have been ignored
+    (tmp_path / "sparse.yaml").write_text("log:\n  # interval: 5\nsteps: 3\n")  # a section left empty
+    assert parse_args([str(tmp_path / "sparse.yaml")]).log.interval == 10
+
+
+def test_more_combinations_are_checked_before_loading(tiny_job, tmp_path):
+    (tmp_path / "zero0.json").write_text('{"zero_optimization": {"stage": 0}}')
+    cfg = tiny_cfg(tiny_job, tmp_path, **{"model.method": "kd", "parallel.shard_generation": True,
+                                          "parallel.backend": "deepspeed", "parallel.deepspeed_config":
+                                          str(tmp_path / "zero0.json"), "optim.betas": [0.9, 1.5]})
+    found = "\n".join(preflight.problems(cfg, 1))
+    for expected in ("parallel.shard_generation shares out LRC's weight generation; model.method=kd",
+                     "needs zero_optimization.stage >= 1", "optim.betas=[0.9, 1.5]: each must be in [0, 1)"):
+        assert expected in found, (expected, found)
+    no_weights = shutil.copytree(tiny_job[0], tmp_path / "no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
+    (problem,) = preflight.problems(tiny_cfg(tiny_job, tmp_path, **{"model.teacher": str(no_weights)}), 1)
+    assert problem.startswith("model.teacher:") and "no model.safetensors" in problem
+
+
+def test_help_writes_exit_code_0(tmp_path, monkeypatch):
+    monkeypatch.setenv("LRC_EXIT_FILE", str(tmp_path / "code"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and (tmp_path / "code").read_text().strip() == "0"

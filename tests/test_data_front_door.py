@@ -132,3 +132,27 @@ def test_overwrite_starts_over_and_refuses_foreign_files(tmp_path):
     (tmp_path / "out/notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds files that are not a token set's"):
         run(str(write_docs(tmp_path)), tmp_path / "out", overwrite=True)
+
+
+def test_a_failing_worker_stops_the_run_before_the_queued_files(tmp_path):
+    from lrc_dist import pretokenize
+
+    for i in range(6):
+        (tmp_path / f"part{i}.jsonl").write_bytes(jsonl_bytes(make_docs(400, seed=i)))
+    first = pretokenize.find_sources(str(tmp_path / "part0.jsonl"))[0][0]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f"{first.key}-00000.bin.tmp").mkdir()  # part0's worker cannot write its shard
+    with pytest.raises(IsADirectoryError):
+        run(str(tmp_path / "*.jsonl"), tmp_path / "out", workers=2)
+    assert len(list((tmp_path / "out").glob("*.source.json"))) < 5, "the queued files were tokenized anyway"
+
+
+def test_overwrite_refuses_split_runs_and_directories_without_a_token_set(tmp_path):
+    docs = write_docs(tmp_path)
+    with pytest.raises(ValueError, match="--overwrite with --num_splits"):
+        run(str(docs), tmp_path / "out", overwrite=True, num_splits=2)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/x.json").write_text("[]")
+    with pytest.raises(ValueError, match="holds no token set"):
+        run(str(docs), tmp_path / "data", overwrite=True)
+    assert (tmp_path / "data/x.json").is_file()

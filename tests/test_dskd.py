@@ -1,4 +1,4 @@
-"""Dual-space KD (lrc_dist.dskd) against a direct, unchunked float64 reference written from DSKD.md."""
+"""Dual-space KD (lrc_dist.dskd) against a direct, unchunked float64 reference written from the method (docs/METHOD.md)."""
 
 import pytest
 import torch

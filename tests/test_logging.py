@@ -116,3 +116,12 @@ def test_the_projector_scale_is_the_ratio_of_sizes_and_reaches_the_optimizer(tin
     set_lr(optimizer, 1e-3)
     lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     assert lrs[id(t2s)] == pytest.approx(1e-3 * model.dual_space.lr_scale) and lrs[id(projections[0])] == 1e-3
+
+
+def test_an_agreement_collapse_is_warned_about_once():
+    from lrc_dist.metrics import AgreementWatch
+
+    watch = AgreementWatch()
+    assert [watch.update(a) for a in (0.0, 0.06, 0.6, 0.9)] == [None] * 4  # rising from a poor start: no collapse
+    assert "fell from 0.90 to 0.30" in watch.update(0.3)
+    assert watch.update(0.0) is None and watch.update(None) is None  # once a run

@@ -189,3 +189,22 @@ def test_every_readme_command_runs(world):
             raise AssertionError(f"README.md:{line}: {command}\n{e}") from None
         ran += 1
     assert ran >= 20 and skipped == 3, (ran, skipped)
+
+
+def test_the_readme_python_snippet_runs(quick_demo, tmp_path):
+    """The library example, on the demo's teacher at a width it has; gradients reach only the
+    projections and the student norms, as its comment says."""
+    import torch
+
+    text = (REPO / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    teacher = quick_demo[0] / "teacher/export_00000040/hf"
+    code = (snippet.replace('"/models/Qwen2.5-7B-Instruct"', repr(str(teacher)))
+            .replace("student_hidden_size=2048", "student_hidden_size=32")
+            .replace('"runs/lrc-4b/final"', repr(str(tmp_path / "final"))))
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    scope = {"input_ids": ids, "labels": ids.roll(-1, 1)}
+    exec(compile(code, "README.md (python)", "exec"), scope)
+    model = scope["model"]
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+    assert (tmp_path / "final/lrc_config.json").is_file() and torch.isfinite(scope["loss"])
