@@ -25,17 +25,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lrc_dist import preflight
 from lrc_dist.align import TeacherRetokenizer
 from lrc_dist.build import build_model
 from lrc_dist.checkpoint import Checkpointer, agreed, read_train_state
 from lrc_dist.cluster import EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEMPTED, RunDirLocked, StopSignals, \
     die_with_launcher, lock_run_dir
-from lrc_dist import preflight
 from lrc_dist.config import ConfigError, TrainConfig, parse_args, resume_changes, to_dict
 from lrc_dist.data import DistributedBatches, PackedMixture, TokenSet
 from lrc_dist.export import export_run
 from lrc_dist.lrc import check_teacher
-from lrc_dist.metrics import AgreementWatch, MetricsLogger, add_to_interval, human, interval_means, memory_gb, new_interval, peak_flops
+from lrc_dist.metrics import (AgreementWatch, MetricsLogger, add_to_interval, human, interval_means, memory_gb,
+                              new_interval, peak_flops)
 from lrc_dist.model import CheckpointError, teacher_fingerprint
 from lrc_dist.parallel import DistInfo, build_backend, init_distributed
 
