@@ -174,7 +174,7 @@ def test_reference_run_learns_and_exports_the_students_tokenizer(cross_job, cros
 
 # fsdp with one sequence per micro-batch: other micro-batches than the reference's (two sequences),
 # so that only the step's global aligned count gives the reference's KD mean.
-@pytest.mark.parametrize("backend, micro_batch", [("fsdp", 1), ("deepspeed", 2)])
+@pytest.mark.parametrize("backend, micro_batch", [("fsdp", 1), pytest.param("deepspeed", 2, marks=pytest.mark.slow)])
 def test_backends_match_one_process(cross_job, cross_reference, tmp_path, backend, micro_batch):
     records = cross_run(cross_job, tmp_path, 2, f"--parallel.backend={backend}", f"--micro_batch_size={micro_batch}")
     assert_same_curve(records, cross_reference[0], CROSS_KEYS)

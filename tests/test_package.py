@@ -8,9 +8,12 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from test_train import ENV, REPO
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_and_runs_from_another_directory(tmp_path):
     leftovers = not (REPO / "build").exists()
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",

@@ -84,7 +84,7 @@ def long_reference(tiny_job, tmp_path_factory):
 @pytest.mark.parametrize("backend, nproc, target", [
     ("none", 1, "the process"),
     ("fsdp", 2, "torchrun"),
-    ("deepspeed", 2, "rank 1 alone"),
+    pytest.param("deepspeed", 2, "rank 1 alone", marks=pytest.mark.slow),
 ])
 def test_sigterm_at_a_random_step_loses_no_step(long_reference, tiny_job, tmp_path, backend, nproc, target):
     at = random.randint(2, 8)
@@ -191,6 +191,7 @@ def test_slurm_cycle_signal_checkpoint_requeue_resume(long_reference, slurm, tmp
     assert_same_curve(records, long_reference, CURVE_KEYS)
 
 
+@pytest.mark.slow
 def test_slurm_sigterm_to_the_batch_shell_checkpoints_and_stops(slurm, tmp_path):
     """`scancel --batch --signal=TERM`: checkpoint, no requeue; srun would kill the ranks at once
     on a SIGTERM of its own, so the script must pass SIGUSR1 on."""
@@ -222,6 +223,7 @@ def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed_and_a_second_job_i
     assert not (run_dir / "lock").exists()
 
 
+@pytest.mark.slow
 def test_a_zero_checkpoint_on_another_world_size_is_refused_up_front(tiny_job, tmp_path):
     run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed", "--stop_at=2")
     teacher, tokens = tiny_job

@@ -77,9 +77,12 @@ def world(quick_demo, tmp_path_factory):
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text('#!/bin/sh\necho localhost\n')
     (bin_dir / "scontrol").chmod(0o755)
-    return {"demo": demo, "root": root, "teacher": demo / "teacher/export_00000040/hf",
-            "tokens": demo / "tokens/train", "held_out": demo / "tokens/held_out", "student": demo / "lrc/export_00000020/hf",
-            "bin": bin_dir}
+    w = {"demo": demo, "root": root, "teacher": demo / "teacher/export_00000040/hf",
+         "tokens": demo / "tokens/train", "held_out": demo / "tokens/held_out", "student": demo / "lrc/export_00000020/hf",
+         "bin": bin_dir, "run": root / "runs/lrc_qwen7b_one_process"}
+    run([sys.executable, "-m", "lrc_dist.train", "configs/lrc_qwen7b.yaml", f"--model.teacher={w['teacher']}",
+         f"--data.paths=[{w['tokens']}]", "--parallel.backend=none", *TINY, f"--checkpoint.dir={w['run']}"], w)
+    return w
 
 
 def run(argv: list[str], w: dict, **env) -> str:
@@ -154,7 +157,7 @@ def evaluate(command: str, w: dict) -> None:
 
 
 def export(command: str, w: dict) -> None:
-    run_dir = w["root"] / "runs/lrc_qwen7b"  # the README's own torchrun command made it
+    run_dir = w["run"]  # a tiny run of the README's recipe (its torchrun line is a slow test of its own)
     table = [(r"runs/lrc_qwen7b/step_00120000", str(run_dir / "step_00000004")),
              (r"runs/lrc_qwen7b/export_00020000/lrc", str(run_dir / "export_00000004/lrc")),
              (r"(?<![\w/])runs/lrc_qwen7b", str(run_dir)), (r"(?<![\w/])out/", f"{w['root']}/out/")]
@@ -173,37 +176,29 @@ HANDLERS = {
 }
 
 
-def test_every_readme_command_runs(world):
-    ran = skipped = 0
+SLOW = ("torchrun ", ".venv/bin/python -m lrc_dist.evaluate harness")  # multi-process, or lm-eval's start-up
+
+
+def cases():
     for line, command in commands():
         if command.startswith(NOT_COMMANDS):
             continue
         if command.startswith(tuple(SKIPPED)):
-            skipped += 1
-            continue
-        handler = next(h for prefix, h in HANDLERS.items() if command.startswith(prefix))
-        try:
-            handler(command, world)
-        except AssertionError as e:
-            raise AssertionError(f"README.md:{line}: {command}\n{e}") from None
-        ran += 1
-    assert ran >= 20 and skipped == 3, (ran, skipped)
+            reason = next(why for prefix, why in SKIPPED.items() if command.startswith(prefix))
+            yield pytest.param(line, command, marks=pytest.mark.skip(reason=reason), id=f"line{line}")
+        else:
+            marks = [pytest.mark.slow] if command.startswith(SLOW) else []
+            yield pytest.param(line, command, marks=marks, id=f"line{line}")
 
 
-def test_the_readme_python_snippet_runs(quick_demo, tmp_path):
-    """The library example, on the demo's teacher at a width it has; gradients reach only the
-    projections and the student norms, as its comment says."""
-    import torch
+@pytest.mark.parametrize("line, command", list(cases()))
+def test_a_readme_command_runs(world, line, command):
+    handler = next(h for prefix, h in HANDLERS.items() if command.startswith(prefix))
+    try:
+        handler(command, world)
+    except AssertionError as e:
+        raise AssertionError(f"README.md:{line}: {command}\n{e}") from None
 
-    text = (REPO / "README.md").read_text()
-    (snippet,) = re.findall(r"```python\n(.*?)```", text, re.S)
-    teacher = quick_demo[0] / "teacher/export_00000040/hf"
-    code = (snippet.replace('"/models/Qwen2.5-7B-Instruct"', repr(str(teacher)))
-            .replace("student_hidden_size=2048", "student_hidden_size=32")
-            .replace('"runs/lrc-4b/final"', repr(str(tmp_path / "final"))))
-    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
-    scope = {"input_ids": ids, "labels": ids.roll(-1, 1)}
-    exec(compile(code, "README.md (python)", "exec"), scope)
-    model = scope["model"]
-    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
-    assert (tmp_path / "final/lrc_config.json").is_file() and torch.isfinite(scope["loss"])
+
+def test_the_readme_has_its_commands():
+    assert sum(1 for _ in cases()) >= 20 and sum(c.startswith(tuple(SKIPPED)) for _, c in commands()) == 3
