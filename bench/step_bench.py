@@ -26,7 +26,8 @@ from transformers import AutoConfig
 from lrc_dist.losses import LossConfig, head_losses
 from lrc_dist.lrc import LowRankClone, LRCConfig
 from lrc_dist.metrics import lrc_flops_per_token, peak_flops
-from lrc_dist.model import CausalLM, ModelArgs
+from lrc_dist.families import ModelArgs
+from lrc_dist.model import CausalLM
 
 # (model_type, hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied, student hidden)
 SHAPES = {

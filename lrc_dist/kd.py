@@ -26,16 +26,17 @@ from transformers import PretrainedConfig
 from lrc_dist.dskd import DualSpaceProjector
 from lrc_dist.losses import IGNORE_INDEX, LossConfig, head_losses, logit_losses
 from lrc_dist.metrics import kd_flops_per_token
-from lrc_dist.model import CausalLM, DecoderLayer, ModelArgs, load_config, resized_config
+from lrc_dist.families import ModelArgs
+from lrc_dist.model import CausalLM, DecoderLayer, load_config, resized_config
 
 
 @torch.no_grad()
 def init_causal_lm_(model: CausalLM, seed: int, std: float = 0.02) -> CausalLM:
-    """Matrices and embeddings ~ N(0, std), norms 1, biases 0 (the HF Llama init). Deterministic."""
+    """Matrices and embeddings ~ N(0, std), norms scaling by 1, biases 0 (the HF init). Deterministic."""
     g = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
-            param.fill_(1.0)
+            param.fill_(model.args.family.norm_init)
         elif name.endswith("bias"):
             param.zero_()
         else:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -23,19 +22,20 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
+from lrc_dist.families import LAYER_NORMS, ModelArgs, fuse_layer
 from lrc_dist.losses import IGNORE_INDEX, LossConfig, LRCOutput, lrc_loss
 from lrc_dist.metrics import lrc_flops_per_token
 from lrc_dist.model import (
     CausalLM,
     CheckpointError,
     DecoderLayer,
-    LayerWeights,
-    ModelArgs,
+    Rope,
     RMSNorm,
-    attention_mix,
+    Weights,
+    add_parameter,
+    decoder_layer,
+    get_parameter,
     resized_config,
-    rms_norm,
-    swiglu,
     teacher_fingerprint,
 )
 
@@ -106,64 +106,77 @@ Matmul = Callable[[Tensor, Tensor], Tensor]
 
 
 class LowRankBlock(nn.Module):
-    """One LRC layer: the frozen teacher layer, its projections and the student's two RMSNorms."""
+    """One LRC layer: the frozen teacher layer, its projections and the student's norms (those of
+    the family's layer at width d_S, under the same HF names)."""
 
-    def __init__(self, teacher: DecoderLayer, cfg: LRCConfig, eps: float):
+    def __init__(self, teacher: DecoderLayer, cfg: LRCConfig, student_args: ModelArgs):
         super().__init__()
         self.cfg = cfg
         self.teacher = freeze(teacher)
+        self.student_args = student_args
         d_t, d_s = teacher.args.hidden_size, cfg.student_hidden_size
         names = dict.fromkeys(cfg.projection_name(m) for m in ("q", "k", "v", "o", "gate", "up", "down"))
         self.proj = nn.ParameterDict({n: nn.Parameter(torch.empty(d_t, d_s)) for n in names})
-        self.input_layernorm = RMSNorm(d_s, eps)
-        self.post_attention_layernorm = RMSNorm(d_s, eps)
+        self.norm_names = {n: hf for n, hf in student_args.family.names.items() if n in LAYER_NORMS}
+        for hf in self.norm_names.values():
+            add_parameter(self, hf, nn.Parameter(torch.full((d_s,), student_args.family.norm_init)))
         self.activation_checkpointing = False
         self.generation_matmul: Matmul = torch.matmul  # see LowRankClone.set_generation_matmul
 
     def p(self, matrix: str) -> Tensor:
         """The projection of `matrix`, in the teacher's dtype (trainable tensors stay fp32 masters)."""
-        return self.proj[self.cfg.projection_name(matrix)].to(self.teacher.input_layernorm.weight.dtype)
+        return self.proj[self.cfg.projection_name(matrix)].to(self.teacher_dtype)
 
-    def student_weights(self, matmul: Matmul = torch.matmul) -> LayerWeights:
-        """The generated weights: W_T @ P, and P^T @ W_T = (W_T^T @ P)^T for o and down."""
+    @property
+    def teacher_dtype(self) -> torch.dtype:
+        return get_parameter(self.teacher, self.norm_names["attn_norm"]).dtype
+
+    def student_weights(self, matmul: Matmul = torch.matmul, generate_o: bool = True) -> Weights:
+        """The generated weights: W_T @ P, and P^T @ W_T = (W_T^T @ P)^T for o and down; biases and
+        q/k-norms (per head) stay the teacher's. `generate_o=False` keeps the teacher's o (the
+        attention output compared in the teacher's space)."""
         t = self.teacher.weights()
-        w = {m: matmul(getattr(t, m), self.p(m)) for m in INPUT_SIDE}
-        w.update({m: matmul(getattr(t, m).T, self.p(m)).T for m in ("o", "down")})
-        return replace(
-            t, **w,
-            attn_norm=self.input_layernorm.weight, mlp_norm=self.post_attention_layernorm.weight,
-            eps=self.input_layernorm.eps,
-        )
+        w = dict(t)
+        w.update({m: matmul(t[m], self.p(m)) for m in INPUT_SIDE})
+        w.update({m: matmul(t[m].T, self.p(m)).T for m in ("o", "down") if generate_o or m != "o"})
+        w.update({n: get_parameter(self, hf) for n, hf in self.norm_names.items()})
+        return w
 
-    def teacher_forward(self, h_t: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def teacher_forward(self, h_t: Tensor, rope: dict[str, Rope]) -> tuple[Tensor, dict[str, Tensor]]:
         taps: dict[str, Tensor] = {}
+
+        def record(name: str, value: Tensor) -> Tensor:
+            taps[name] = value
+            return value
+
         with torch.no_grad():  # not inference_mode: FSDP must still unshard these weights
-            return self.teacher(h_t, rope, taps), taps
+            return self.teacher(h_t, rope, record), taps
 
     def student_forward(
-        self, h_s: Tensor, teacher_taps: dict[str, Tensor], rope: tuple[Tensor, Tensor], valid: Tensor | None = None
+        self, h_s: Tensor, teacher_taps: dict[str, Tensor], rope: dict[str, Rope], valid: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        w, args, terms = self.student_weights(self.generation_matmul), self.teacher.args, self.cfg.clone_terms
+        """The student's layer (the model's own `decoder_layer`, generated weights) and its clone
+        terms: its q, k, v, gate, up against the teacher's, its attention and FFN outputs against
+        the teacher's mapped through P_o and P_down."""
+        teacher_space = self.cfg.attn_out_space == "teacher"
+        w = self.student_weights(self.generation_matmul, generate_o=not teacher_space)
         taps: dict[str, Tensor] = {}
-        mix = attention_mix(rms_norm(h_s, w.attn_norm, w.eps), w, args, rope, taps)
-        if self.cfg.attn_out_space == "teacher":
-            attn_full = F.linear(mix, self.teacher.self_attn.o_proj.weight)
-            taps["attn_out"], attn_target = attn_full, teacher_taps["attn_out"]
-            attn_out = attn_full @ self.p("o")
-        else:
-            attn_out = F.linear(mix, w.o)
-            taps["attn_out"] = attn_out
-            attn_target = teacher_taps["attn_out"] @ self.p("o") if "attn_out" in terms else None
-        h = h_s + attn_out
-        ffn_out = F.linear(swiglu(rms_norm(h, w.mlp_norm, w.eps), w, taps), w.down)
-        targets = {m: teacher_taps[m] for m in INPUT_SIDE}
-        targets["attn_out"] = attn_target
-        if "ffn_out" in terms:
-            taps["ffn_out"], targets["ffn_out"] = ffn_out, teacher_taps["ffn_out"] @ self.p("down")
-        clone = {m: masked_mse(taps[m], targets[m], valid) for m in terms}
-        return h + ffn_out, clone
 
-    def forward(self, h_t: Tensor, h_s: Tensor, rope: tuple[Tensor, Tensor], valid: Tensor | None = None
+        def record(name: str, value: Tensor) -> Tensor:
+            taps[name] = value
+            # teacher space: the student's attention mixed through the teacher's o_proj, then into d_S
+            return value @ self.p("o") if name == "attn_out" and teacher_space else value
+
+        out = decoder_layer(h_s, w, self.student_args, rope[self.teacher.layer_type], self.teacher.window, record)
+        terms = self.cfg.clone_terms
+        targets = {m: teacher_taps[m] for m in INPUT_SIDE}
+        if "attn_out" in terms:
+            targets["attn_out"] = teacher_taps["attn_out"] if teacher_space else teacher_taps["attn_out"] @ self.p("o")
+        if "ffn_out" in terms:
+            targets["ffn_out"] = teacher_taps["ffn_out"] @ self.p("down")
+        return out, {m: masked_mse(taps[m], targets[m], valid) for m in terms}
+
+    def forward(self, h_t: Tensor, h_s: Tensor, rope: dict[str, Rope], valid: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         h_t_next, teacher_taps = self.teacher_forward(h_t, rope)
         if self.activation_checkpointing and torch.is_grad_enabled():
@@ -195,9 +208,10 @@ class LowRankClone(nn.Module):
         self.rotary = teacher.rotary
         self.teacher_embed = freeze(teacher.model.embed_tokens)
         self.embed_proj = nn.Parameter(torch.empty(d_t, d_s))
-        self.layers = nn.ModuleList(LowRankBlock(layer, cfg, self.eps) for layer in teacher.model.layers)
+        student = self.student_args()
+        self.layers = nn.ModuleList(LowRankBlock(layer, cfg, student) for layer in teacher.model.layers)
         self.teacher_norm = freeze(teacher.model.norm)
-        self.norm = RMSNorm(d_s, self.eps)
+        self.norm = RMSNorm(student)
         if not args.tie_word_embeddings:
             self.teacher_lm_head = freeze(teacher.lm_head)
             self.lm_head_proj = nn.Parameter(torch.empty(d_t, d_s))
@@ -234,7 +248,7 @@ class LowRankClone(nn.Module):
             if not param.requires_grad:
                 continue
             if name.endswith("norm.weight"):
-                param.fill_(1.0)
+                param.fill_(self.teacher_args.family.norm_init)
             else:
                 param.copy_(torch.randn(param.shape, generator=g) * self.cfg.init_std)
 
@@ -259,9 +273,11 @@ class LowRankClone(nn.Module):
     def lockstep(self, input_ids: Tensor, valid: Tensor | None = None) -> LRCOutput:
         """Teacher and student side by side through all layers; no loss."""
         with torch.no_grad():
-            h_t = self.teacher_embed(input_ids)
+            e = self.teacher_embed(input_ids)
         # Gather rows first: (tokens x d_T) @ P instead of materialising the (vocab x d_S) embedding.
-        h_s = h_t @ self.embed_proj.to(h_t.dtype)
+        h_s = e @ self.embed_proj.to(e.dtype)
+        # A scaled embedding (Gemma: sqrt(width)) scales each model by its own width, as its export does.
+        h_t, h_s = scaled(e, self.teacher_args), scaled(h_s, self.student_args())
         rope = self.rotary.tables(input_ids.shape[1], h_s.device, h_s.dtype)
         clone: dict[str, Tensor] = {}
         for block in self.layers:
@@ -310,24 +326,22 @@ class LowRankClone(nn.Module):
 
     @torch.no_grad()
     def student_state_dict(self) -> dict[str, Tensor]:
-        """Materialise the student once, under Hugging Face names."""
+        """Materialise the student once, under Hugging Face names (families.fuse_layer)."""
         sd = {"model.embed_tokens.weight": self.teacher_embed.weight @ self.embed_proj.to(self.teacher_embed.weight.dtype),
               "model.norm.weight": self.norm.weight}
+        student = self.student_args()
         for i, block in enumerate(self.layers):
-            w, pre = block.student_weights(), f"model.layers.{i}."
-            for m, hf in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
-                sd[f"{pre}self_attn.{hf}.weight"] = getattr(w, m)
-                if getattr(w, f"{m}_bias", None) is not None:
-                    sd[f"{pre}self_attn.{hf}.bias"] = getattr(w, f"{m}_bias")
-            if w.q_norm is not None:
-                sd[f"{pre}self_attn.q_norm.weight"], sd[f"{pre}self_attn.k_norm.weight"] = w.q_norm, w.k_norm
-            for m in ("gate", "up", "down"):
-                sd[f"{pre}mlp.{m}_proj.weight"] = getattr(w, m)
-            sd[f"{pre}input_layernorm.weight"], sd[f"{pre}post_attention_layernorm.weight"] = w.attn_norm, w.mlp_norm
+            sd.update({f"model.layers.{i}.{hf}": t for hf, t in fuse_layer(student, block.student_weights()).items()})
         if not self.teacher_args.tie_word_embeddings:
             sd["lm_head.weight"] = self.student_head_weight()
         dtype = self.teacher_embed.weight.dtype
         return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+
+
+def scaled(h: Tensor, args: ModelArgs) -> Tensor:
+    """Embeddings times the family's embedding scale at the width of `args`, if it has one."""
+    scale = args.embed_scale(h.dtype)
+    return h if scale is None else h * scale.to(h.device)
 
 
 # ---- the trainable state on disk (what export reads) ---------------------------------------------

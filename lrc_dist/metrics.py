@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lrc_dist.checkpoint import write_atomic
-from lrc_dist.model import ModelArgs
+from lrc_dist.families import ModelArgs
 
 # Dense bf16 tensor-core peak per device, by substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "H20": 148e12, "A100": 312e12,

@@ -1,17 +1,21 @@
-"""A compact Llama-family decoder: Llama-2/3, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k-norm), Mistral.
+"""The decoder of every supported family (families.py): Llama-2/3, Mistral, Qwen2/2.5, Qwen3,
+Gemma-3 (text) and Phi-3.
 
 Parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`, ...), so a local HF
-checkpoint loads with a plain `load_state_dict` and exports need no renaming. The layer maths is
-written once, as functions of a `LayerWeights` bundle: the teacher runs it with its own weights,
-and the LRC student (lrc.py) runs the very same code with generated weights `W_T @ P`.
+checkpoint loads with a plain `load_state_dict` and a trained student exports without renaming.
+The layer is written once, `decoder_layer`, as a function of a layer's weights by name: the
+teacher and the plain KD student run it with their own weights, and the LRC student (lrc.py) runs
+the very same function with generated weights `W_T @ P`, reading its clone activations through
+the layer's taps.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,169 +25,83 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, PretrainedConfig
+from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from lrc_dist.families import CheckpointError, ModelArgs, hf_layer_shapes, split_layer
 from lrc_dist.indexed_dataset import sampled_digest
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-# Rope types whose frequencies are fixed at load time; "dynamic"/"longrope" change with the length.
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 INVALID_CONFIG = (ValueError, TypeError, StrictDataclassError)  # what transformers' config validation raises
 
-
-class CheckpointError(ValueError):
-    """A model directory that cannot be used: the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    """The shape of a decoder, read from an HF config (see `ModelArgs.from_hf`)."""
-
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    qkv_bias: bool
-    qk_norm: bool
-    tie_word_embeddings: bool
-    sliding_window: int | None
-
-    @classmethod
-    def from_hf(cls, config: PretrainedConfig, source: str = "config.json") -> "ModelArgs":
-        kind = config.model_type
-        if kind not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointError(
-                f"{source}: unsupported architecture model_type={kind!r}; lrc_dist supports "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family decoders)."
-            )
-        if config.hidden_act != "silu":
-            raise CheckpointError(f"{source}: hidden_act={config.hidden_act!r}; only SwiGLU ('silu') is supported.")
-        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-            # Qwen2's q/k/v bias is implicit in its model_type; an o_proj/MLP bias is not supported.
-            raise CheckpointError(f"{source}: attention_bias/mlp_bias=true (o_proj/MLP biases) is not supported.")
-        rope_type = config.rope_parameters.get("rope_type", "default")
-        if rope_type not in STATIC_ROPE_TYPES:
-            raise CheckpointError(
-                f"{source}: rope_type={rope_type!r} is not supported; use one of {', '.join(STATIC_ROPE_TYPES)}."
-            )
-        window = None
-        if kind == "mistral":
-            window = config.sliding_window
-        elif getattr(config, "use_sliding_window", False):
-            raise CheckpointError(f"{source}: use_sliding_window=true is not supported for {kind}; set it to false.")
-        return cls(
-            model_type=kind,
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-            rms_norm_eps=config.rms_norm_eps,
-            qkv_bias=kind == "qwen2",
-            qk_norm=kind == "qwen3",
-            tie_word_embeddings=bool(config.tie_word_embeddings),
-            sliding_window=window,
-        )
+Weights = dict[str, Tensor]  # a layer's weights by name (families.layer_shapes), matrices (out, in)
+# A tap sees an activation of the layer by name (q, k, v, gate, up, attn_out, ffn_out) and returns the
+# value the layer goes on with: the teacher's taps record, LRC's may also map it (lrc.LowRankBlock).
+Tap = Callable[[str, Tensor], Tensor]
+Rope = tuple[Tensor, Tensor]
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # Normalise in fp32, scale in the input dtype: the same rounding as transformers. The weight is
-    # cast so that fp32 master weights (LRC's student norms) keep bf16 activations bf16.
+def rms_norm(x: Tensor, weight: Tensor, args: ModelArgs) -> Tensor:
+    """Normalise in fp32. Llama-style: scale in the input dtype (transformers' rounding; the weight is
+    cast so that fp32 master weights keep bf16 activations bf16). Gemma: x * (1 + w) in fp32."""
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + args.rms_norm_eps)
+    if args.family.norm == "gemma":
+        return (xf * (1.0 + weight.float())).to(x.dtype)
     return weight.to(x.dtype) * xf.to(x.dtype)
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.full((args.hidden_size,), args.family.norm_init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.args)
+
+
 class Rotary:
-    """RoPE tables. Frequencies come from transformers' own rope functions (llama3, yarn, ...)."""
+    """RoPE tables per layer type (Gemma's local and global layers have their own bases). The
+    frequencies come from transformers' own rope functions (llama3, yarn, linear, ...); a partial
+    rotary factor rotates the first part of each head only (Phi-3)."""
 
-    def __init__(self, config: PretrainedConfig, head_dim: int):
-        rope_type = config.rope_parameters.get("rope_type", "default")
+    def __init__(self, config: PretrainedConfig, args: ModelArgs):
+        per_type = args.family.sliding == "layer_types"
+        self.freqs: dict[str, tuple[Tensor, float]] = {}
         with torch.device("cpu"):  # real tensors even when the model is built on the meta device
-            if rope_type == "default":
-                theta = config.rope_parameters["rope_theta"]
-                self.inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
-                self.scale = 1.0
-            else:
-                self.inv_freq, self.scale = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+            for layer_type in dict.fromkeys(args.layer_types):
+                params = config.rope_parameters[layer_type] if per_type else config.rope_parameters
+                rope_type = params.get("rope_type", "default")
+                if rope_type == "default":
+                    dim = int(args.head_dim * params.get("partial_rotary_factor", 1.0))
+                    inv_freq = 1.0 / params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+                    self.freqs[layer_type] = inv_freq, 1.0
+                else:
+                    kw = {"layer_type": layer_type} if per_type else {}
+                    self.freqs[layer_type] = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **kw)
 
-    def tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> dict[str, Rope]:
+        """(cos, sin) [T, rotary dim] per layer type."""
         pos = torch.arange(seq_len, device=device, dtype=torch.float)
-        freqs = torch.outer(pos, self.inv_freq.to(device))
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        out = {}
+        for layer_type, (inv_freq, scale) in self.freqs.items():
+            freqs = torch.outer(pos, inv_freq.to(device))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            out[layer_type] = (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+        return out
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:  # partial rotary: the rest of the head passes through
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
+    half = rotary // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
-@dataclass
-class LayerWeights:
-    """Everything one decoder layer computes with. Weights are (out, in) like nn.Linear."""
-
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    o: Tensor
-    gate: Tensor
-    up: Tensor
-    down: Tensor
-    attn_norm: Tensor
-    mlp_norm: Tensor
-    eps: float
-    q_bias: Tensor | None = None
-    k_bias: Tensor | None = None
-    v_bias: Tensor | None = None
-    q_norm: Tensor | None = None
-    k_norm: Tensor | None = None
-
-
-def attention_mix(x: Tensor, w: LayerWeights, args: ModelArgs, rope: tuple[Tensor, Tensor], taps: dict | None) -> Tensor:
-    """Causal self-attention up to (not including) o_proj: [B, T, d] -> [B, T, heads*head_dim].
-
-    `taps`, when given, receives the q/k/v projections (before q/k-norm and RoPE).
-    """
-    B, T, _ = x.shape
-    q, k, v = F.linear(x, w.q, w.q_bias), F.linear(x, w.k, w.k_bias), F.linear(x, w.v, w.v_bias)
-    if taps is not None:
-        taps.update(q=q, k=k, v=v)
-    q = q.view(B, T, args.num_heads, args.head_dim)
-    k = k.view(B, T, args.num_kv_heads, args.head_dim)
-    v = v.view(B, T, args.num_kv_heads, args.head_dim)
-    if w.q_norm is not None:
-        q, k = rms_norm(q, w.q_norm, w.eps), rms_norm(k, w.k_norm, w.eps)
-    cos, sin = rope
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    mask = sliding_window_mask(T, args.sliding_window, x.device)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=args.num_kv_heads != args.num_heads
-    )
-    return out.transpose(1, 2).reshape(B, T, args.num_heads * args.head_dim)
-
-
 def sliding_window_mask(seq_len: int, window: int | None, device: torch.device) -> Tensor | None:
-    """Boolean keep-mask for Mistral's sliding window; None (plain causal) when it cannot bite."""
+    """Boolean keep-mask of a sliding-window layer; None (plain causal) when it cannot bite."""
     if window is None or seq_len <= window:
         return None
     i = torch.arange(seq_len, device=device)
@@ -191,80 +109,95 @@ def sliding_window_mask(seq_len: int, window: int | None, device: torch.device) 
     return (dist >= 0) & (dist < window)
 
 
-def swiglu(x: Tensor, w: LayerWeights, taps: dict | None) -> Tensor:
-    """The FFN before down_proj: silu(gate) * up. `taps` receives gate and up (pre-activation)."""
-    gate, up = F.linear(x, w.gate), F.linear(x, w.up)
-    if taps is not None:
-        taps.update(gate=gate, up=up)
-    return F.silu(gate) * up
+def no_tap(name: str, value: Tensor) -> Tensor:
+    return value
 
 
-def decoder_layer(x: Tensor, w: LayerWeights, args: ModelArgs, rope: tuple[Tensor, Tensor], taps: dict | None = None) -> Tensor:
-    """One pre-norm decoder layer. `taps` also receives attn_out (after o) and ffn_out (after down)."""
-    attn_out = F.linear(attention_mix(rms_norm(x, w.attn_norm, w.eps), w, args, rope, taps), w.o)
+@functools.cache
+def activation(name: str) -> nn.Module:
+    """transformers' activation of that config name (silu, gelu_pytorch_tanh, ...)."""
+    return ACT2FN[name]
+
+
+def attention(x: Tensor, w: Weights, args: ModelArgs, rope: Rope, window: int | None, tap: Tap) -> Tensor:
+    """Causal self-attention up to (not including) o_proj: [B, T, d] -> [B, T, heads * head_dim].
+    The q/k/v taps see the projections before q/k-norm and RoPE."""
+    B, T, _ = x.shape
+    q = tap("q", F.linear(x, w["q"], w.get("q_bias"))).view(B, T, args.num_heads, args.head_dim)
+    k = tap("k", F.linear(x, w["k"], w.get("k_bias"))).view(B, T, args.num_kv_heads, args.head_dim)
+    v = tap("v", F.linear(x, w["v"], w.get("v_bias"))).view(B, T, args.num_kv_heads, args.head_dim)
+    if "q_norm" in w:
+        q, k = rms_norm(q, w["q_norm"], args), rms_norm(k, w["k_norm"], args)
+    cos, sin = rope
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    mask = sliding_window_mask(T, window, x.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=args.attn_scale,
+                                         enable_gqa=args.num_kv_heads != args.num_heads)
+    return out.transpose(1, 2).reshape(B, T, args.num_heads * args.head_dim)
+
+
+def decoder_layer(x: Tensor, w: Weights, args: ModelArgs, rope: Rope, window: int | None,
+                  tap: Tap = no_tap) -> Tensor:
+    """One decoder layer of any family: pre-norm attention and gated MLP, each with its optional
+    post-norm (Gemma). `tap` sees q, k, v, gate, up (before their activation), attn_out (after o)
+    and ffn_out (after down), both before a post-norm."""
+    attn_out = tap("attn_out", F.linear(attention(rms_norm(x, w["attn_norm"], args), w, args, rope, window, tap),
+                                        w["o"]))
+    if "attn_post_norm" in w:
+        attn_out = rms_norm(attn_out, w["attn_post_norm"], args)
     h = x + attn_out
-    ffn_out = F.linear(swiglu(rms_norm(h, w.mlp_norm, w.eps), w, taps), w.down)
-    if taps is not None:
-        taps.update(attn_out=attn_out, ffn_out=ffn_out)
+    m = rms_norm(h, w["mlp_norm"], args)
+    gate, up = tap("gate", F.linear(m, w["gate"])), tap("up", F.linear(m, w["up"]))
+    ffn_out = tap("ffn_out", F.linear(activation(args.activation)(gate) * up, w["down"]))
+    if "mlp_post_norm" in w:
+        ffn_out = rms_norm(ffn_out, w["mlp_post_norm"], args)
     return h + ffn_out
 
 
 # ---- modules with Hugging Face parameter names ---------------------------------------------------
 
 
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        d, q_dim, kv_dim = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        self.q_proj = nn.Linear(d, q_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(d, kv_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(d, kv_dim, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, d, bias=False)
-        if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
-            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+def add_parameter(module: nn.Module, dotted: str, param: nn.Parameter) -> None:
+    """Register `param` under the dotted name (e.g. self_attn.q_proj.weight), making the submodules."""
+    *path, name = dotted.split(".")
+    for part in path:
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    module.register_parameter(name, param)
 
 
-class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+def get_parameter(module: nn.Module, dotted: str) -> Tensor:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """Layer `index`'s weights under their Hugging Face names (its state_dict is the checkpoint's)."""
+
+    def __init__(self, args: ModelArgs, index: int):
         super().__init__()
-        self.args = args
-        self.self_attn = Attention(args)
-        self.mlp = MLP(args)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.args, self.index = args, index
+        self.layer_type, self.window = args.layer_types[index], args.window(index)
+        norms = {args.family.names[n] for n in args.family.names if "norm" in n}
+        for hf, shape in hf_layer_shapes(args).items():
+            add_parameter(self, hf, nn.Parameter(torch.full(shape, args.family.norm_init if hf in norms else 0.0)))
 
-    def weights(self) -> LayerWeights:
-        a, m = self.self_attn, self.mlp
-        w = LayerWeights(
-            q=a.q_proj.weight, k=a.k_proj.weight, v=a.v_proj.weight, o=a.o_proj.weight,
-            gate=m.gate_proj.weight, up=m.up_proj.weight, down=m.down_proj.weight,
-            attn_norm=self.input_layernorm.weight, mlp_norm=self.post_attention_layernorm.weight,
-            eps=self.input_layernorm.eps,
-            q_bias=a.q_proj.bias, k_bias=a.k_proj.bias, v_bias=a.v_proj.bias,
-        )
-        if self.args.qk_norm:
-            w.q_norm, w.k_norm = a.q_norm.weight, a.k_norm.weight
-        return w
+    def weights(self) -> Weights:
+        return split_layer(self.args, {hf: get_parameter(self, hf) for hf in hf_layer_shapes(self.args)})
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], taps: dict | None = None) -> Tensor:
-        return decoder_layer(x, self.weights(), self.args, rope, taps)
+    def forward(self, x: Tensor, rope: dict[str, Rope], tap: Tap = no_tap) -> Tensor:
+        return decoder_layer(x, self.weights(), self.args, rope[self.layer_type], self.window, tap)
 
 
 class DecoderModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args)
 
 
 class CausalLM(nn.Module):
@@ -274,7 +207,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.hf_config = hf_config
-        self.rotary = Rotary(hf_config, args.head_dim)
+        self.rotary = Rotary(hf_config, args)
         self.model = DecoderModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -283,10 +216,15 @@ class CausalLM(nn.Module):
     def lm_head_weight(self) -> Tensor:
         return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
 
+    def embed(self, input_ids: Tensor) -> Tensor:
+        h = self.model.embed_tokens(input_ids)
+        scale = self.args.embed_scale(h.dtype)
+        return h if scale is None else h * scale.to(h.device)
+
     def hidden_states(self, input_ids: Tensor, checkpoint_layers: bool = False) -> Tensor:
         """Final-normed hidden states [B, T, d]; `checkpoint_layers` recomputes each layer in
         backward instead of keeping its activations (only when autograd records)."""
-        h = self.model.embed_tokens(input_ids)
+        h = self.embed(input_ids)
         rope = self.rotary.tables(input_ids.shape[1], h.device, h.dtype)
         recompute = checkpoint_layers and torch.is_grad_enabled()
         for layer in self.model.layers:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from lrc_dist.config import ConfigError, TrainConfig
 from lrc_dist.data import misfit
+from lrc_dist.families import CheckpointError, ModelArgs
 from lrc_dist.indexed_dataset import read_manifest
-from lrc_dist.model import INVALID_CONFIG, CheckpointError, ModelArgs, load_config, resized_config, weight_files
+from lrc_dist.model import INVALID_CONFIG, load_config, resized_config, weight_files
 from lrc_dist.resources import shipped
 
 

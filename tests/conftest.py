@@ -4,7 +4,8 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                          Qwen3Config)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -23,6 +24,18 @@ FAMILIES = {
     "qwen2": lambda **kw: Qwen2Config(**{**TINY, "rope_theta": 1e6, "tie_word_embeddings": False, **kw}),
     "qwen3": lambda **kw: Qwen3Config(**{**TINY, "tie_word_embeddings": True, **kw}),
     "mistral": lambda **kw: MistralConfig(**{**TINY, "sliding_window": 8, **kw}),  # window < test seq len
+    # local and global layers with their own RoPE bases, a query scale other than head_dim, GeGLU
+    "gemma3": lambda **kw: Gemma3TextConfig(**{**TINY, "num_hidden_layers": 3, "sliding_window": 8,
+                                              "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                                              "rope_parameters": {
+                                                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                  "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}},
+                                              "query_pre_attn_scalar": 16, "pad_token_id": 0, **kw}),
+    # fused qkv and gate_up, half the head rotated, a sliding window
+    "phi3": lambda **kw: Phi3Config(**{**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                    "partial_rotary_factor": 0.5},
+                                       "sliding_window": 12, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                                       "tie_word_embeddings": False, **kw}),
 }
 
 

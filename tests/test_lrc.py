@@ -6,7 +6,7 @@ import torch
 from conftest import build_checkpoint, rel_err
 from lrc_dist.losses import LossConfig, lrc_loss
 from lrc_dist.lrc import CLONE_TERMS, LowRankClone, LRCConfig
-from lrc_dist.model import CausalLM
+from lrc_dist.model import CausalLM, get_parameter
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
 
@@ -20,8 +20,8 @@ def identity_clone(path, **cfg) -> tuple[LowRankClone, CausalLM]:
             if p.requires_grad and not name.endswith("norm.weight"):
                 p.copy_(torch.eye(p.shape[0]))
         for block in model.layers:
-            block.input_layernorm.weight.copy_(block.teacher.input_layernorm.weight)
-            block.post_attention_layernorm.weight.copy_(block.teacher.post_attention_layernorm.weight)
+            for hf in block.norm_names.values():  # two norms per layer, four in Gemma-3
+                get_parameter(block, hf).copy_(get_parameter(block.teacher, hf))
         model.norm.weight.copy_(model.teacher_norm.weight)
     return model, teacher
 
@@ -52,7 +52,8 @@ def test_only_projections_and_student_norms_learn(checkpoint):
     n_layers, tied = model.teacher_args.num_layers, model.teacher_args.tie_word_embeddings
     n_proj = sum(1 for n in trainable if "proj" in n)
     assert n_proj == 7 * n_layers + 1 + (not tied)
-    assert len(trainable) - n_proj == 2 * n_layers + 1  # two norms per layer and the final one
+    norms = 4 if model.teacher_args.model_type == "gemma3_text" else 2  # per layer; and the final one
+    assert len(trainable) - n_proj == norms * n_layers + 1
 
 
 def test_teacher_activations_are_not_in_the_graph(tmp_path):
