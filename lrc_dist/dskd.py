@@ -15,7 +15,7 @@ hidden states with one head at a time:
   L_kd_tea = D(softmax(z_t / T) || softmax(z_s2t / T)).
 
 L_kd = L_kd_stu + L_ce_t2s + L_kd_tea, summed over the valid tokens and divided by a normalizer; the
-loss is `dskd_weight * L_kd`. D is any divergence of `losses.DIVERGENCES` (p first in the formulas
+loss is `dskd_weight * L_kd`. D is any divergence of `divergences.DIVERGENCES` (p first in the formulas
 above, called as D(logq, logp)); no T^2 factor.
 
 Conventions: heads are stored as nn.Linear rows, w_s [V, d_S] and w_t [V, d_T], logits = h @ w.T, so
@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrc_dist.losses import CHUNK_ELEMENTS, LossConfig, divergence_fn
+from lrc_dist.divergences import divergence_fn
+from lrc_dist.losses import CHUNK_ELEMENTS, LossConfig
 
 _RCOND = 1e-6  # singular values of a head below this fraction of its largest one count as zero
 _GRAM_ROWS = 4096  # vocabulary rows per block of the float64 Gram products
@@ -78,6 +79,11 @@ class DualSpaceProjector(nn.Module):
         if stale:
             self.teacher_gram_pinv = cache = _pinv_gram(w_t).float()
         return (w_s.T @ w_t.to(w_s.dtype)).float() @ cache
+
+    def objective(self, h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, valid: Tensor, cfg: LossConfig,
+                  normalizer: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """DSKD as the head objective of `losses.logit_losses` (see `dskd_losses`)."""
+        return dskd_losses(h_s, w_s, h_t, w_t, valid, self, cfg, normalizer)
 
 
 def _chunk_terms(h_s, w_s, s2t, t2s, h_t, w_t, valid, *, divergence, temperature, mask) -> Tensor:

@@ -1,8 +1,11 @@
-"""LRC training loss: L = w_lm * LM + w_kl * D(teacher || student) + alpha * sum_terms w_t * clone_t
-(+ w_dskd * the dual-space objective of dskd.py, when set).
+"""The loss terms' config and the chunked head kernel: w_lm * LM + w_kl * D(teacher || student) on
+the final hidden states and heads (+ w_dskd * a head objective such as dskd.py's, when set).
 
-D is forward KL in the LRC paper; any divergence of `DIVERGENCES` can replace it
-(`loss.divergence`); its value is logged as "kl" whichever it is.
+Layers, imported one way: divergences.py (the D's) <- losses.py (this: the head kernel and
+`logit_losses`) <- dskd.py (the DSKD objective) <- lrc.py and kd.py (each method owns its
+objective: `lrc.lrc_loss` adds the clone terms). D is forward KL in the LRC paper; any divergence
+of `divergences.DIVERGENCES` can replace it (`loss.divergence`); its value is logged as "kl"
+whichever it is.
 
 The LM and KL terms need the logits of both models, [tokens x vocab] each: 2 x 16k x 152k fp32 is
 20 GB for one Qwen micro-batch. `head_losses` never holds them: it walks the tokens in chunks,
@@ -13,24 +16,16 @@ then only scales the stored gradients.
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from lrc_dist.dskd import DualSpaceProjector
-    from lrc_dist.lrc import LowRankClone
+from lrc_dist.divergences import Divergence, divergence_fn
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB fp32 each for student and teacher)
-
-
-# The logit divergences D(teacher || student) of DIVERGENCES, by name.
-Divergence = Literal["forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "adaptive_kl", "tvd"]
 
 
 @dataclass
@@ -60,92 +55,6 @@ class LossConfig:
     """D of both DSKD spaces"""
     dskd_mask: bool = True
     """student-space KD only where the projected teacher keeps the teacher's argmax"""
-
-
-@dataclass
-class LRCOutput:
-    teacher_hidden: Tensor  # [B, T, d_T], final-normed, no grad
-    student_hidden: Tensor  # [B, T, d_S], final-normed
-    clone: dict[str, Tensor]  # per clone term, the MSE summed over layers
-
-
-# ---- logit divergences D(teacher p || student q), per token, from temperature-scaled log-probs ----
-
-
-def forward_kl(logq: Tensor, logp: Tensor) -> Tensor:
-    """KL(p || q) = sum p (log p - log q): mass-covering; the KL of the LRC paper."""
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
-def reverse_kl(logq: Tensor, logp: Tensor) -> Tensor:
-    """KL(q || p): mode-seeking."""
-    return forward_kl(logp, logq)
-
-
-def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
-    """log(weight_a * a + (1 - weight_a) * b), stably."""
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
-
-
-def js_divergence(logq: Tensor, logp: Tensor) -> Tensor:
-    """(KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2."""
-    logm = _log_mix(logp, logq, 0.5)
-    return 0.5 * (forward_kl(logm, logp) + forward_kl(logm, logq))
-
-
-def skewed_forward_kl(logq: Tensor, logp: Tensor, skew: float = 0.1) -> Tensor:
-    """KL(p || skew p + (1 - skew) q) (DistiLLM)."""
-    return forward_kl(_log_mix(logp, logq, skew), logp)
-
-
-def skewed_reverse_kl(logq: Tensor, logp: Tensor, skew: float = 0.1) -> Tensor:
-    """KL(q || (1 - skew) p + skew q) (DistiLLM)."""
-    return forward_kl(_log_mix(logq, logp, skew), logq)
-
-
-def adaptive_kl(logq: Tensor, logp: Tensor, head_mass: float = 0.5) -> Tensor:
-    """AKL: forward and reverse KL weighted by the student's gap on the teacher's head and tail.
-
-    Sorting p ascending, the tail is the tokens whose cumulative teacher mass is <= head_mass;
-    g = sum |p - q| over each part (no gradient); AKL = (g_head FKL + g_tail RKL) / (g_head + g_tail).
-    """
-    with torch.no_grad():
-        p, q = logp.exp(), logq.exp()
-        sorted_p, order = p.sort(dim=-1)
-        tail = (sorted_p.cumsum(-1) <= head_mass).float()
-        gap = (p - q).abs().gather(-1, order)
-        g_tail = (gap * tail).sum(-1)
-        g_head = (gap * (1.0 - tail)).sum(-1)
-        w_head = g_head / (g_head + g_tail).clamp_min(1e-12)
-    return w_head * forward_kl(logq, logp) + (1.0 - w_head) * reverse_kl(logq, logp)
-
-
-def total_variation(logq: Tensor, logp: Tensor) -> Tensor:
-    """TVD = sum |p - q| / 2."""
-    return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
-
-
-DIVERGENCES = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "js": js_divergence,
-    "skewed_forward_kl": skewed_forward_kl,
-    "skewed_reverse_kl": skewed_reverse_kl,
-    "adaptive_kl": adaptive_kl,
-    "tvd": total_variation,
-}
-
-
-assert set(get_args(Divergence)) == set(DIVERGENCES), "loss.Divergence must name every divergence"
-
-
-def divergence_fn(name: str, skew: float, field: str = "divergence"):
-    """The divergence `name` of DIVERGENCES, with `skew` bound for the skewed ones; `field` names the
-    config entry in the error."""
-    if name not in DIVERGENCES:
-        raise ValueError(f"loss.{field}={name!r}; choose from {', '.join(DIVERGENCES)}.")
-    fn = DIVERGENCES[name]
-    return functools.partial(fn, skew=skew) if name.startswith("skewed") else fn
 
 
 class _HeadLosses(torch.autograd.Function):
@@ -225,45 +134,27 @@ def head_losses(
                              kl_weight, float(normalizer), chunk)
 
 
+class HeadObjective(Protocol):
+    """A further objective on the final hidden states and heads (dskd.DualSpaceProjector's DSKD)."""
+
+    def objective(self, h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, valid: Tensor, cfg: LossConfig,
+                  normalizer: float | None) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+
 def logit_losses(
     h_s: Tensor, w_s: Tensor, h_t: Tensor | None, w_t: Tensor | None, labels: Tensor, cfg: LossConfig,
-    normalizer: float | None = None, dual_space: "DualSpaceProjector | None" = None,
+    normalizer: float | None = None, dual_space: HeadObjective | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """lm_weight * LM + kl_weight * D(teacher || student) (`head_losses`), plus dskd_weight * the
-    DSKD objective (dskd.py) when that weight is set: (total, {"lm", "kl"[, "dskd", "dskd/..."]})."""
+    DSKD objective (the model's `dual_space`) when that weight is set: (total, {"lm", "kl"[, "dskd",
+    "dskd/..."]}). Both LRC and the KD baselines build their objective on it."""
     total, lm, kl = head_losses(h_s, w_s, h_t, w_t, labels, cfg, normalizer)
     metrics = {"lm": lm, "kl": kl} if h_t is not None and cfg.kl_weight else {"lm": lm}  # no KL term: none shown
     if cfg.dskd_weight:
-        from lrc_dist.dskd import dskd_losses  # dskd.py builds on this module
-
         if dual_space is None or h_t is None:
             raise ValueError("loss.dskd_weight > 0 needs a teacher and a model built with loss.dskd_weight set "
                              "(it owns the DSKD projector).")
-        dskd, dskd_metrics = dskd_losses(h_s, w_s, h_t, w_t, labels != IGNORE_INDEX, dual_space, cfg, normalizer)
+        dskd, dskd_metrics = dual_space.objective(h_s, w_s, h_t, w_t, labels != IGNORE_INDEX, cfg, normalizer)
         total = total + dskd
         metrics.update(dskd_metrics)
     return total, metrics
-
-
-def lrc_loss(
-    model: "LowRankClone", out: LRCOutput, labels: Tensor, cfg: LossConfig, normalizer: float | None = None
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The total LRC loss and its detached terms for logging.
-
-    With a global `normalizer` (labelled tokens of the whole step, all ranks and micro-batches), the
-    per-micro-batch clone MSE is weighted by this micro-batch's share of those tokens, so that
-    summing losses (and gradients) over micro-batches and ranks gives the step's token mean.
-    """
-    local = (labels != IGNORE_INDEX).sum()
-    share = 1.0 if normalizer is None else local / normalizer
-    head, metrics = logit_losses(
-        out.student_hidden.flatten(0, 1), model.student_head_weight(model.generation_matmul),
-        out.teacher_hidden.flatten(0, 1), model.teacher_head_weight(),
-        labels.flatten(), cfg, normalizer, model.dual_space,
-    )
-    weights = model.cfg.clone_term_weights
-    clone = share * sum(weights.get(name, 1.0) * value for name, value in out.clone.items())
-    total = head + cfg.clone_weight * clone
-    metrics.update(loss=total, clone=clone)
-    metrics.update({f"clone/{name}": share * value for name, value in out.clone.items()})
-    return total, {k: torch.as_tensor(v).detach() for k, v in metrics.items()}

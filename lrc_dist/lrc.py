@@ -23,7 +23,7 @@ from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
 from lrc_dist.families import LAYER_NORMS, ModelArgs, fuse_layer
-from lrc_dist.losses import IGNORE_INDEX, LossConfig, LRCOutput, lrc_loss
+from lrc_dist.losses import IGNORE_INDEX, LossConfig, logit_losses
 from lrc_dist.metrics import lrc_flops_per_token
 from lrc_dist.model import (
     CausalLM,
@@ -103,6 +103,13 @@ def freeze(module: nn.Module) -> nn.Module:
 # Computes x @ p: torch.matmul, or a version that shares the rows out between ranks
 # (parallel.sharded_matmul, set by `LowRankClone.set_generation_matmul`).
 Matmul = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class LRCOutput:
+    teacher_hidden: Tensor  # [B, T, d_T], final-normed, no grad
+    student_hidden: Tensor  # [B, T, d_S], final-normed
+    clone: dict[str, Tensor]  # per clone term, the MSE summed over layers
 
 
 class LowRankBlock(nn.Module):
@@ -342,6 +349,30 @@ def scaled(h: Tensor, args: ModelArgs) -> Tensor:
     """Embeddings times the family's embedding scale at the width of `args`, if it has one."""
     scale = args.embed_scale(h.dtype)
     return h if scale is None else h * scale.to(h.device)
+
+
+def lrc_loss(
+    model: LowRankClone, out: LRCOutput, labels: Tensor, cfg: LossConfig, normalizer: float | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The total LRC loss and its detached terms for logging.
+
+    With a global `normalizer` (labelled tokens of the whole step, all ranks and micro-batches), the
+    per-micro-batch clone MSE is weighted by this micro-batch's share of those tokens, so that
+    summing losses (and gradients) over micro-batches and ranks gives the step's token mean.
+    """
+    local = (labels != IGNORE_INDEX).sum()
+    share = 1.0 if normalizer is None else local / normalizer
+    head, metrics = logit_losses(
+        out.student_hidden.flatten(0, 1), model.student_head_weight(model.generation_matmul),
+        out.teacher_hidden.flatten(0, 1), model.teacher_head_weight(),
+        labels.flatten(), cfg, normalizer, model.dual_space,
+    )
+    weights = model.cfg.clone_term_weights
+    clone = share * sum(weights.get(name, 1.0) * value for name, value in out.clone.items())
+    total = head + cfg.clone_weight * clone
+    metrics.update(loss=total, clone=clone)
+    metrics.update({f"clone/{name}": share * value for name, value in out.clone.items()})
+    return total, {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
 
 
 # ---- the trainable state on disk (what export reads) ---------------------------------------------

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from conftest import assert_same_curve, rel_err
 from lrc_dist.dskd import DualSpaceProjector, dskd_losses
-from lrc_dist.losses import DIVERGENCES, LossConfig
+from lrc_dist.divergences import DIVERGENCES
+from lrc_dist.losses import LossConfig
 from test_losses import direct_divergence
 
 TERMS = ["dskd", "dskd/kd_stu", "dskd/ce_t2s", "dskd/kd_tea", "dskd/agree"]

@@ -123,7 +123,7 @@ def test_divergences_match_direct_formulas(name):
 
 
 def test_divergence_properties_and_errors():
-    from lrc_dist.losses import DIVERGENCES
+    from lrc_dist.divergences import DIVERGENCES
 
     logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
     logp = torch.log_softmax(logits, -1)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import build_checkpoint, rel_err
-from lrc_dist.losses import LossConfig, lrc_loss
-from lrc_dist.lrc import CLONE_TERMS, LowRankClone, LRCConfig
+from lrc_dist.losses import LossConfig
+from lrc_dist.lrc import CLONE_TERMS, LowRankClone, LRCConfig, lrc_loss
 from lrc_dist.model import CausalLM, get_parameter
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
