@@ -29,7 +29,8 @@ from pathlib import Path
 import fire
 import pydoc_data.topics
 
-from lrc_dist.pretokenize import BATCH_RECORDS, load_tokenizer, tokenize_corpus
+from lrc_dist.pretokenize import BATCH_RECORDS, tokenize_corpus
+from lrc_dist.tokenizer_files import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FOREIGN = "Größe naïve café Ελληνικά γλώσσα Русский язык 日本語のテキスト 中文文本 한국어 🙂🚀 ".split()

@@ -64,6 +64,7 @@ from lrc_dist.indexed_dataset import (
     write_json_atomic,
 )
 from lrc_dist.sources import BATCH_RECORDS, READ_ERRORS, READERS, Skip, Source, find_sources, split_sources
+from lrc_dist.tokenizer_files import find_eos, load_tokenizer
 
 SKIP_REASONS = ("bad_json", "bad_utf8", "missing_field", "bad_conversation", "empty")
 MODIFICATIONS = ("split", "truncated")
@@ -100,26 +101,6 @@ class TokenizeConfig:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def load_tokenizer(tokenizer_dir: str | Path) -> tokenizers.Tokenizer:
-    """Loads DIR/tokenizer.json, with errors that name the path and the fix."""
-    path = Path(tokenizer_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"tokenizer directory {path} does not exist: pass --tokenizer DIR, a directory with "
-            "the teacher's tokenizer files (tokenizer.json, tokenizer_config.json)"
-        )
-    file = path / "tokenizer.json"
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{path} has no tokenizer.json (a fast tokenizer). If it holds a slow tokenizer, convert it once: python "
-            f"-c \"from transformers import AutoTokenizer as T; T.from_pretrained('{path}').save_pretrained('{path}')\""
-        )
-    try:
-        return tokenizers.Tokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise ValueError(f"{file} is not a readable tokenizers file ({e}); re-save it with transformers") from e
-
-
 def make_config(
     tokenizer_dir: str | Path,
     text_field: str = "text",
@@ -136,15 +117,7 @@ def make_config(
         raise ValueError(f"max_chars and shard_tokens must be positive, got {max_chars} and {shard_tokens}")
     path = Path(tokenizer_dir).resolve()
     tokenizer = _process_tokenizer(str(path))
-    config_file = path / "tokenizer_config.json"
-    if eos_token is None:
-        eos = json.loads(config_file.read_text()).get("eos_token") if config_file.is_file() else None
-        eos_token = eos["content"] if isinstance(eos, dict) else eos
-        if not eos_token:
-            raise ValueError(f"{config_file} names no eos_token: pass --eos_token (e.g. '<|endoftext|>')")
-    eos_id = tokenizer.token_to_id(eos_token)
-    if eos_id is None:
-        raise ValueError(f"EOS token {eos_token!r} is not in {path / 'tokenizer.json'}: pass a valid --eos_token")
+    eos_token, eos_id = find_eos(path, tokenizer, eos_token)
     if chat_field is not None:
         _chat_tokenizer(str(path))  # fails early, in the main process, when there is no template
     return TokenizeConfig(

@@ -1,0 +1,47 @@
+"""Imports go one way: training code does not import data-prep code, directly or through another
+module, counting every import of lrc_dist/*.py (function-level and TYPE_CHECKING ones too)."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lrc_dist"
+TRAINING = ("align", "build", "checkpoint", "data", "dskd", "evaluate", "export", "kd", "losses", "lrc", "metrics",
+            "model", "parallel", "preflight", "train")
+DATA_PREP = ("pretokenize", "prep", "sources")
+
+
+def lrc_dist_imports(file: Path) -> set[str]:
+    """The lrc_dist modules `file` imports anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {name.split(".")[1] for name in names if name.startswith("lrc_dist.")}
+    return found & {p.stem for p in PACKAGE.glob("*.py")}
+
+
+def test_imports_are_found_wherever_they_are(tmp_path):
+    file = tmp_path / "m.py"
+    file.write_text("from typing import TYPE_CHECKING\nimport lrc_dist.model\nfrom lrc_dist import losses, nothing\n"
+                    "if TYPE_CHECKING:\n    from lrc_dist.data import TokenSet\n"
+                    "def f():\n    from lrc_dist.pretokenize import tokenize_corpus\n")
+    assert lrc_dist_imports(file) == {"model", "losses", "data", "pretokenize"}
+
+
+def test_training_code_does_not_import_data_prep_code():
+    graph = {p.stem: lrc_dist_imports(p) for p in PACKAGE.glob("*.py")}
+    assert set(TRAINING) | set(DATA_PREP) <= graph.keys(), "a module named here was renamed: update this test"
+    for module in TRAINING:
+        path, seen, todo = {module: [module]}, set(), [module]
+        while todo:  # breadth first: `path` holds the shortest import chain to each module
+            current = todo.pop(0)
+            for imported in sorted(graph[current] - seen):
+                seen.add(imported)
+                path[imported] = path[current] + [imported]
+                todo.append(imported)
+        bad = sorted(seen & set(DATA_PREP))
+        assert not bad, f"training module {module} imports data prep: {' -> '.join(path[bad[0]])}"
