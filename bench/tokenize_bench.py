@@ -29,7 +29,8 @@ from pathlib import Path
 import fire
 import pydoc_data.topics
 
-from lrc_dist.pretokenize import BATCH_RECORDS, tokenize_corpus
+from lrc_dist.pretokenize import tokenize_corpus
+from lrc_dist.sources import BATCH_RECORDS
 from lrc_dist.tokenizer_files import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,10 +1,10 @@
-"""Tokenizes a text corpus into a token set (format: lrc_dist.indexed_dataset); CLI: data_prep/tokenize.py.
+"""The tokenizing run: a text corpus into a token set (format: lrc_dist.indexed_dataset), resumable
+and split across processes and Slurm array tasks; CLI: lrc_dist.prep (data_prep/tokenize.py).
 
 Per input file ("source"), in one worker process with its own tokenizer:
 
-    read records -> take the text field, or render the conversation with the chat template
-    -> cap documents longer than max_chars -> batch-encode (tokenizers, Rust threads)
-    -> append EOS -> write shards of about shard_tokens tokens (documents never straddle shards)
+    read records (lrc_dist.sources) -> documents, batch-encoded with EOS (lrc_dist.documents)
+    -> write shards of about shard_tokens tokens (documents never straddle shards)
 
 Inputs: .jsonl/.json (JSON lines, or one JSON array), optionally .gz/.zst compressed; .txt
 (one document per file, optionally compressed); .parquet; directories saved with
@@ -39,7 +39,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import itertools
 import json
 import multiprocessing
 import os
@@ -48,13 +47,13 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tokenizers
-from jinja2 import TemplateError
 from tqdm import tqdm
 
+from lrc_dist.documents import MODIFICATIONS, batches, chat_tokenizer, encode
 from lrc_dist.indexed_dataset import (
     FORMAT_VERSION,
     ShardWriter,
@@ -63,15 +62,8 @@ from lrc_dist.indexed_dataset import (
     tokenizer_sha256,
     write_json_atomic,
 )
-from lrc_dist.sources import BATCH_RECORDS, READ_ERRORS, READERS, Skip, Source, find_sources, split_sources
+from lrc_dist.sources import READ_ERRORS, READERS, SKIP_REASONS, Source, find_sources, split_sources
 from lrc_dist.tokenizer_files import find_eos, load_tokenizer
-
-SKIP_REASONS = ("bad_json", "bad_utf8", "missing_field", "bad_conversation", "empty")
-MODIFICATIONS = ("split", "truncated")
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-# A batch is encoded in one `encode_batch` call: large enough to keep the Rust threads busy,
-# bounded in characters (and records: sources.BATCH_RECORDS) so huge documents can't exhaust memory.
-BATCH_CHARS = 16 << 20
 
 
 class TokenizeError(RuntimeError):
@@ -98,7 +90,7 @@ class TokenizeConfig:
         return dtype_for_vocab(self.vocab_size)
 
 
-# ----------------------------------------------------------------------------- tokenizer
+# ----------------------------------------------------------------------------- settings
 
 
 def make_config(
@@ -119,7 +111,7 @@ def make_config(
     tokenizer = _process_tokenizer(str(path))
     eos_token, eos_id = find_eos(path, tokenizer, eos_token)
     if chat_field is not None:
-        _chat_tokenizer(str(path))  # fails early, in the main process, when there is no template
+        chat_tokenizer(str(path))  # fails early, in the main process, when there is no template
     return TokenizeConfig(
         tokenizer_sha256=tokenizer_sha256(path / "tokenizer.json"),
         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
@@ -137,138 +129,6 @@ def make_config(
 def _process_tokenizer(tokenizer_dir: str) -> tokenizers.Tokenizer:
     """The process's tokenizer, loaded once (each worker process has its own)."""
     return load_tokenizer(tokenizer_dir)
-
-
-@functools.lru_cache(maxsize=1)
-def _chat_tokenizer(tokenizer_dir: str) -> Any:
-    from transformers import AutoTokenizer  # only chat rendering needs transformers
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    if not tokenizer.chat_template:
-        raise ValueError(
-            f"{tokenizer_dir} has no chat template (chat_template.jinja or 'chat_template' in "
-            "tokenizer_config.json): use the teacher's tokenizer directory, or drop --chat_field"
-        )
-    return tokenizer
-
-
-# ----------------------------------------------------------------------------- documents
-
-
-def _conversation(value: Any) -> list[dict[str, str]] | None:
-    """OpenHermes-style [{"from": "human", "value": ...}] (or role/content) -> chat messages."""
-    if not isinstance(value, list) or not value:
-        return None
-    messages = []
-    for turn in value:
-        if not isinstance(turn, dict):
-            return None
-        role = ROLES.get(turn.get("from", turn.get("role")))
-        content = turn.get("value", turn.get("content"))
-        if role is None or not isinstance(content, str):
-            return None
-        messages.append({"role": role, "content": content})
-    return messages
-
-
-def _document(value: Any, config: TokenizeConfig, tokenizer_dir: str) -> str | Skip:
-    """A record's document text, or why there is none."""
-    if isinstance(value, Skip):
-        return value
-    if value is None:
-        return Skip("missing_field")
-    if config.chat_field is not None:
-        messages = _conversation(value)
-        if messages is None:
-            return Skip("bad_conversation")
-        try:
-            value = _chat_tokenizer(tokenizer_dir).apply_chat_template(messages, tokenize=False)
-        except TemplateError:  # the template refuses it, e.g. roles that do not alternate
-            return Skip("bad_conversation")
-    if not isinstance(value, str):
-        return Skip("missing_field")
-    if not value or value.isspace():
-        return Skip("empty")
-    try:
-        value.encode("utf-8")  # JSON escapes can smuggle in lone surrogates the tokenizer rejects
-    except UnicodeEncodeError:
-        return Skip("bad_utf8")
-    return value
-
-
-def _pieces(text: str, max_chars: int) -> list[str]:
-    """Cuts a long document into pieces of at most max_chars, preferably before a space (GPT-2
-    style pre-tokenizers attach a leading space to the next word, so such cuts keep tokens
-    natural). The pieces' tokens are concatenated back into one document."""
-    pieces = []
-    start = 0
-    while len(text) - start > max_chars:
-        cut = text.rfind(" ", start + max_chars // 2, start + max_chars)
-        cut = cut if cut > start else start + max_chars
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
-
-
-@dataclasses.dataclass
-class _Batch:
-    """Documents of consecutive records, as pieces ready for one encode_batch call."""
-
-    texts: list[str] = dataclasses.field(default_factory=list)
-    piece_doc: list[int] = dataclasses.field(default_factory=list)  # document index of each piece
-    doc_records: list[int] = dataclasses.field(default_factory=list)  # record number of each document
-    events: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (record, skip/modification)
-    chars: int = 0
-    end: int = 0  # number of the record after the batch's last one
-
-
-def _batches(values: Iterable[Any], start: int, config: TokenizeConfig, tokenizer_dir: str) -> Iterator[_Batch]:
-    batch = _Batch(end=start)
-    for record, value in enumerate(values, start):
-        batch.end = record + 1
-        text = _document(value, config, tokenizer_dir)
-        if isinstance(text, Skip):
-            batch.events.append((record, text.reason))
-            continue
-        if len(text) > config.max_chars:
-            if config.long_docs == "split":
-                pieces = _pieces(text, config.max_chars)
-                batch.events.append((record, "split"))
-            else:
-                pieces = [text[: config.max_chars]]
-                batch.events.append((record, "truncated"))
-        else:
-            pieces = [text]
-        batch.texts += pieces
-        batch.piece_doc += [len(batch.doc_records)] * len(pieces)
-        batch.doc_records.append(record)
-        batch.chars += len(text)
-        if len(batch.doc_records) >= BATCH_RECORDS or batch.chars >= BATCH_CHARS:
-            yield batch
-            batch = _Batch(end=record + 1)
-    if batch.doc_records or batch.events:
-        yield batch
-
-
-def encode(
-    tokenizer: tokenizers.Tokenizer, texts: list[str], piece_doc: Sequence[int], eos_id: int, vocab_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes pieces in one batch; returns (tokens of each document + EOS, concatenated, as
-    uint32) and the documents' lengths. Raises if a token id is outside the vocabulary."""
-    ids = [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-    piece_lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    doc_lengths = np.bincount(piece_doc, weights=piece_lengths).astype(np.int64) + 1
-    tokens = np.empty(int(doc_lengths.sum()), dtype=np.uint32)
-    is_eos = np.zeros(tokens.size, dtype=bool)
-    is_eos[np.cumsum(doc_lengths) - 1] = True
-    tokens[is_eos] = eos_id
-    tokens[~is_eos] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(piece_lengths.sum()))
-    if tokens.size and tokens.max() >= vocab_size:
-        raise RuntimeError(
-            f"tokenizer produced id {tokens.max()} >= its vocabulary size {vocab_size}: broken tokenizer.json"
-        )
-    return tokens, doc_lengths
 
 
 # ----------------------------------------------------------------------------- one source
@@ -372,7 +232,8 @@ def tokenize_source(
 
     records = shards.first_record
     try:
-        for batch in _batches(values(), shards.first_record, config, tokenizer_dir):
+        chat_dir = tokenizer_dir if config.chat_field is not None else None
+        for batch in batches(values(), shards.first_record, config.max_chars, config.long_docs, chat_dir):
             shards.pending += batch.events
             records = batch.end
             if batch.texts:

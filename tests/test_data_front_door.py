@@ -16,6 +16,7 @@ import zstandard
 
 from lrc_dist.data import PackedMixture, TokenSet
 from lrc_dist.indexed_dataset import CorruptShardError
+from lrc_dist.sources import find_sources
 from test_tokenize import GPT2, ROOT, decoded_texts, jsonl_bytes, kept, make_docs, run
 
 CLI = [sys.executable, str(ROOT / "data_prep" / "tokenize.py")]
@@ -135,11 +136,9 @@ def test_overwrite_starts_over_and_refuses_foreign_files(tmp_path):
 
 
 def test_a_failing_worker_stops_the_run_before_the_queued_files(tmp_path):
-    from lrc_dist import pretokenize
-
     for i in range(6):
         (tmp_path / f"part{i}.jsonl").write_bytes(jsonl_bytes(make_docs(400, seed=i)))
-    first = pretokenize.find_sources(str(tmp_path / "part0.jsonl"))[0][0]
+    first = find_sources(str(tmp_path / "part0.jsonl"))[0][0]
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / f"{first.key}-00000.bin.tmp").mkdir()  # part0's worker cannot write its shard
     with pytest.raises(IsADirectoryError):

@@ -7,7 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lrc_dist"
 TRAINING = ("align", "build", "checkpoint", "data", "dskd", "evaluate", "export", "kd", "losses", "lrc", "metrics",
             "model", "parallel", "preflight", "train")
-DATA_PREP = ("pretokenize", "prep", "sources")
+DATA_PREP = ("documents", "pretokenize", "prep", "sources")
 
 
 def lrc_dist_imports(file: Path) -> set[str]:

@@ -1,5 +1,6 @@
-"""data_prep/tokenize.py and lrc_dist.pretokenize: every input format round-trips through the
-real GPT-2 tokenizer, bad input is counted, reruns resume, splits merge into the same set."""
+"""data_prep/tokenize.py and the data prep behind it (lrc_dist.sources, documents, pretokenize):
+every input format round-trips through the real GPT-2 tokenizer, bad input is counted, reruns
+resume, splits merge into the same set."""
 
 import functools
 import gzip
@@ -15,9 +16,10 @@ import pytest
 import tokenizers
 import zstandard
 
-from lrc_dist import pretokenize
+from lrc_dist import documents, pretokenize
 from lrc_dist.data import TokenSet
 from lrc_dist.pretokenize import TokenizeError, tokenize_corpus
+from lrc_dist.sources import find_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2 = ROOT / "assets" / "tokenizers" / "gpt2"
@@ -308,7 +310,7 @@ def test_rerun_resumes_after_the_last_finished_shard(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if the job were cancelled mid-file
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(pretokenize, "BATCH_RECORDS", 16)
+    monkeypatch.setattr(documents, "BATCH_RECORDS", 16)
     monkeypatch.setattr(pretokenize, "encode", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         run(str(tmp_path / "*.jsonl"), tmp_path / "out", shard_tokens=400)
@@ -390,7 +392,7 @@ def test_workers_and_slurm_splits_give_the_same_token_set(tmp_path):
 def test_a_failing_worker_fails_the_run(tmp_path):
     for i in range(2):
         (tmp_path / f"part{i}.jsonl").write_bytes(jsonl_bytes(make_docs(20, seed=i)))
-    source = pretokenize.find_sources(str(tmp_path / "part1.jsonl"))[0][0]
+    source = find_sources(str(tmp_path / "part1.jsonl"))[0][0]
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / f"{source.key}-00000.bin.tmp").mkdir()  # the worker cannot write its shard
     with pytest.raises(IsADirectoryError, match=f"{source.key}-00000.bin.tmp"):
@@ -422,15 +424,15 @@ def test_vocab_over_65536_uses_uint32(tmp_path):
 
 def test_token_ids_are_checked_against_the_vocabulary():
     tok = gpt2()
-    tokens, lengths = pretokenize.encode(tok, ["Hello world", "a"], [0, 1], EOS, 50257)
+    tokens, lengths = documents.encode(tok, ["Hello world", "a"], [0, 1], EOS, 50257)
     assert tokens.tolist() == [15496, 995, EOS, 64, EOS] and lengths.tolist() == [3, 2]
     with pytest.raises(RuntimeError, match="tokenizer produced id 15496 >= its vocabulary size 1000"):
-        pretokenize.encode(tok, ["Hello world"], [0], 0, 1000)
+        documents.encode(tok, ["Hello world"], [0], 0, 1000)
 
 
 def test_long_documents_are_split_before_spaces():
     text = "word " * 30 + "x" * 100
-    pieces = pretokenize._pieces(text, 40)
+    pieces = documents._pieces(text, 40)
     assert "".join(pieces) == text and all(len(p) <= 40 for p in pieces)
     assert all(p.startswith(" ") for p in pieces[1:4]), "cuts fall before a space while there is one"
 
