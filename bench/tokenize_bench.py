@@ -76,7 +76,7 @@ def pipeline(corpus: Path, tokenizer_dir: Path, output: Path, workers: int) -> t
     shutil.rmtree(output, ignore_errors=True)
     start, cpu = time.perf_counter(), cpu_seconds()
     manifest = tokenize_corpus(str(corpus), str(tokenizer_dir), str(output), workers=workers, progress=False)
-    return time.perf_counter() - start, cpu_seconds() - cpu, manifest["num_tokens"] - manifest["num_docs"]
+    return time.perf_counter() - start, cpu_seconds() - cpu, manifest.num_tokens - manifest.num_docs
 
 
 def main(

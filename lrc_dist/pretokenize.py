@@ -56,9 +56,9 @@ from tqdm import tqdm
 from lrc_dist.documents import MODIFICATIONS, batches, chat_tokenizer, encode
 from lrc_dist.indexed_dataset import (
     FORMAT_VERSION,
+    Manifest,
     ShardWriter,
     dtype_for_vocab,
-    read_manifest,
     tokenizer_sha256,
     write_json_atomic,
 )
@@ -343,33 +343,19 @@ def _run(
         return reports + [f.result() for f in futures]
 
 
-def _manifest(base: dict[str, Any], reports: list[dict[str, Any]], ignored: list[str]) -> dict[str, Any]:
-    """A manifest (or split part) from per-source reports; shards in source-path order."""
+def _manifest(reports: list[dict[str, Any]], ignored: list[str], **header: Any) -> Manifest:
+    """A manifest (or split part, with `split` in `header`) from per-source reports; shards in
+    source-path order. header: tokenizer, dtype, config (and split)."""
     reports = sorted(reports, key=lambda r: r["path"])
     shards = [shard for r in reports for shard in r["shards"]]
-    return {
-        **base,
-        "num_tokens": sum(s["num_tokens"] for s in shards),
-        "num_docs": sum(s["num_docs"] for s in shards),
-        "shards": shards,
-        "sources": [{**r, "shards": [s["name"] for s in r["shards"]]} for r in reports],
-        "ignored_paths": sorted(set(ignored)),
-    }
-
-
-def _summary(manifest: dict[str, Any]) -> str:
-    lines = [
-        f"{manifest['num_tokens']:,} tokens in {manifest['num_docs']:,} documents, {len(manifest['shards'])} shards, "
-        f"from {len(manifest['sources'])} files"
-    ]
-    for source in manifest["sources"]:
-        issues = [f"{k} {v}" for k, v in {**source["skipped"], **source["modified"]}.items()]
-        if source["error"]:
-            issues.append(f"UNREADABLE after {source['records']} records: {source['error']}")
-        if issues:
-            lines.append(f"  {source['path']}: {', '.join(issues)}")
-    lines += [f"  ignored (unknown format): {path}" for path in manifest["ignored_paths"]]
-    return "\n".join(lines)
+    return Manifest(
+        **header,
+        num_tokens=sum(s["num_tokens"] for s in shards),
+        num_docs=sum(s["num_docs"] for s in shards),
+        shards=shards,
+        sources=[{**r, "shards": [s["name"] for s in r["shards"]]} for r in reports],
+        ignored_paths=sorted(set(ignored)),
+    )
 
 
 # What tokenize_corpus writes into an output directory (shards are SOURCEKEY-NNNNN.*).
@@ -426,7 +412,7 @@ def tokenize_corpus(
     progress: bool = True,
     split: str | None = None,
     overwrite: bool = False,
-) -> dict[str, Any]:
+) -> Manifest:
     """Tokenizes `input` into the token set directory `output`; returns the manifest written.
 
     input: a file, a directory (walked recursively), a glob, or a list of them.
@@ -461,67 +447,61 @@ def tokenize_corpus(
     _check_output(out, config)
     tokenizer_dir = str(Path(tokenizer).resolve())
     reports = _run(mine, config, tokenizer_dir, out, workers, progress, keep_partial=allow_errors)
-    base = {
-        "format": "lrc_dist.tokens",
-        "format_version": FORMAT_VERSION,
-        "tokenizer": {
-            "name": Path(tokenizer_dir).name,
-            "path": tokenizer_dir,
-            "sha256": config.tokenizer_sha256,
-            "vocab_size": config.vocab_size,
-            "eos_token": config.eos_token,
-            "eos_id": config.eos_id,
-        },
-        "dtype": config.dtype.name,
-        "config": dataclasses.asdict(config),
+    tokenizer_entry = {
+        "name": Path(tokenizer_dir).name,
+        "path": tokenizer_dir,
+        "sha256": config.tokenizer_sha256,
+        "vocab_size": config.vocab_size,
+        "eos_token": config.eos_token,
+        "eos_id": config.eos_id,
     }
-    if num_splits > 1:
-        base["split"] = {"index": split_index, "count": num_splits}
-    manifest = _manifest(base, reports, ignored)
-    print(_summary(manifest))
-    failed = [s["path"] for s in manifest["sources"] if s["error"]]
+    split_entry = {"index": split_index, "count": num_splits} if num_splits > 1 else None
+    manifest = _manifest(reports, ignored, tokenizer=tokenizer_entry, dtype=config.dtype.name,
+                         config=dataclasses.asdict(config), split=split_entry)
+    print(manifest.summary())
+    failed = [s["path"] for s in manifest.sources if s["error"]]
     if failed and not allow_errors:
         raise TokenizeError(
             f"{len(failed)} input files could not be read to the end (listed above, first: {failed[0]}): fix or "
             "remove them and rerun (finished files are skipped), or pass --allow_errors to keep what was read"
         )
-    if mine and manifest["num_docs"] == 0:
+    if mine and manifest.num_docs == 0:
         raise TokenizeError(
             f"no documents were tokenized from {len(mine)} files (counts above): check --text_field/--chat_field"
         )
     name = f"manifest.split-{split_index:05d}-of-{num_splits:05d}.json" if num_splits > 1 else "manifest.json"
-    write_json_atomic(out / name, manifest)
+    manifest.write(out / name)
     print(f"wrote {out / name}")
     return manifest
 
 
-def merge_splits(output: str) -> dict[str, Any]:
+def merge_splits(output: str) -> Manifest:
     """Combines the split manifests of a token set directory into its manifest.json."""
     out = Path(output)
-    parts = [read_manifest(p) for p in sorted(out.glob("manifest.split-*-of-*.json"))]
-    if not parts:
+    files = sorted(out.glob("manifest.split-*-of-*.json"))
+    if not files:
         raise FileNotFoundError(
             f"{out} has no manifest.split-*-of-*.json: run the splits (slurm/tokenize_array.sh) first"
         )
-    count = parts[0]["split"]["count"]
-    missing = sorted(set(range(count)) - {p["split"]["index"] for p in parts if p["split"]["count"] == count})
-    if missing or any(p["split"]["count"] != count for p in parts):
+    parts = [Manifest.read(file) for file in files]
+    for file, part in zip(files, parts, strict=True):
+        if part.split is None:
+            raise ValueError(f"{file} has no \"split\": it is not a split part; remove it or rename it")
+    count = parts[0].split["count"]
+    missing = sorted(set(range(count)) - {p.split["index"] for p in parts if p.split["count"] == count})
+    if missing or any(p.split["count"] != count for p in parts):
         raise ValueError(
             f"{out}: splits {missing} of {count} are missing (or counts differ): rerun those split indices"
         )
-    if any(p["config"] != parts[0]["config"] for p in parts):
+    if any(p.config != parts[0].config for p in parts):
         raise ValueError(
             f"{out}: the split manifests were made with different settings: retokenize into a new --output"
         )
-    shards = {s["name"]: s for p in parts for s in p["shards"]}
-    reports = [{**source, "shards": [shards[n] for n in source["shards"]]} for p in parts for source in p["sources"]]
-    base = {
-        k: v
-        for k, v in parts[0].items()
-        if k not in ("split", "num_tokens", "num_docs", "shards", "sources", "ignored_paths")
-    }
-    manifest = _manifest(base, reports, [path for p in parts for path in p["ignored_paths"]])
-    write_json_atomic(out / "manifest.json", manifest)
-    print(_summary(manifest))
+    shards = {s["name"]: s for p in parts for s in p.shards}
+    reports = [{**source, "shards": [shards[n] for n in source["shards"]]} for p in parts for source in p.sources]
+    manifest = _manifest(reports, [path for p in parts for path in p.ignored_paths],
+                         tokenizer=parts[0].tokenizer, dtype=parts[0].dtype, config=parts[0].config)
+    manifest.write(out / "manifest.json")
+    print(manifest.summary())
     print(f"wrote {out / 'manifest.json'}")
     return manifest
