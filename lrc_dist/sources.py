@@ -54,8 +54,6 @@ class Source:
         return f"{name}-{hashlib.sha1(self.path.encode()).hexdigest()[:8]}"
 
 
-
-
 def _kind(path: Path) -> str | None:
     name = path.name
     compressed = name.endswith(COMPRESSIONS)
