@@ -50,7 +50,7 @@ def main(seq_len: int = 2048, windows: int = 4000, megabytes: float = 16.0, repe
             check = min(check, (time.perf_counter() - t) / n)
     print(f"{n} windows of {seq_len + 1} tokens: read {read * 1e6:.1f} us/window (check included), "
           f"check alone {check * 1e6:.2f} us/window = {check / read:.1%} of a read; "
-          f"{np.dtype(token_set.manifest['dtype']).name} tokens")
+          f"{np.dtype(token_set.manifest.dtype).name} tokens")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ from pathlib import Path
 import fire
 import pydoc_data.topics
 
-from lrc_dist.pretokenize import BATCH_RECORDS, load_tokenizer, tokenize_corpus
+from lrc_dist.pretokenize import tokenize_corpus
+from lrc_dist.sources import BATCH_RECORDS
+from lrc_dist.tokenizer_files import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FOREIGN = "Größe naïve café Ελληνικά γλώσσα Русский язык 日本語のテキスト 中文文本 한국어 🙂🚀 ".split()
@@ -74,7 +76,7 @@ def pipeline(corpus: Path, tokenizer_dir: Path, output: Path, workers: int) -> t
     shutil.rmtree(output, ignore_errors=True)
     start, cpu = time.perf_counter(), cpu_seconds()
     manifest = tokenize_corpus(str(corpus), str(tokenizer_dir), str(output), workers=workers, progress=False)
-    return time.perf_counter() - start, cpu_seconds() - cpu, manifest["num_tokens"] - manifest["num_docs"]
+    return time.perf_counter() - start, cpu_seconds() - cpu, manifest.num_tokens - manifest.num_docs
 
 
 def main(

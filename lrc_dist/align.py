@@ -56,7 +56,7 @@ import numpy as np
 import tokenizers
 import torch
 
-from lrc_dist.pretokenize import load_tokenizer, make_config
+from lrc_dist.tokenizer_files import find_eos, load_tokenizer
 
 MARKERS = ("▁", "Ġ")  # word-boundary markers of SentencePiece and GPT-2 token strings
 _SENTENCEPIECE_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -96,7 +96,7 @@ class ByteVocab:
         """Loads DIR/tokenizer.json; EOS is `eos_token` or tokenizer_config.json's eos_token."""
         path = Path(tokenizer_dir)
         tokenizer = load_tokenizer(path)
-        eos_id = make_config(path, eos_token=eos_token).eos_id
+        _, eos_id = find_eos(path, tokenizer, eos_token)
         spec = json.loads(tokenizer.to_str())
         byte_level = _has_type(spec.get("decoder"), "ByteLevel") or _has_type(spec.get("pre_tokenizer"), "ByteLevel")
         byte_fallback = bool(spec.get("model", {}).get("byte_fallback"))

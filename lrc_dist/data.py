@@ -35,13 +35,12 @@ import os
 import resource
 import warnings
 from pathlib import Path
-from typing import Any
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from lrc_dist.indexed_dataset import CorruptShardError, Shard, ShardInfo, read_manifest, tokenizer_sha256
+from lrc_dist.indexed_dataset import CorruptShardError, Manifest, Shard, ShardInfo, tokenizer_sha256
 
 PERIOD = 1 << 16  # mixture schedule length; each set's share is exact over every period
 
@@ -49,7 +48,7 @@ PERIOD = 1 << 16  # mixture schedule length; each set's share is exact over ever
 class TokenSet:
     """A tokenized corpus (an output directory of data_prep/tokenize.py), memory-mapped."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], shards: list[Shard]):
+    def __init__(self, path: Path, manifest: Manifest, shards: list[Shard]):
         self.path = path
         self.manifest = manifest
         self.shards = shards
@@ -68,10 +67,10 @@ class TokenSet:
                 f"{file} not found: tokenize the corpus with data_prep/tokenize.py --output {path} "
                 f"(after a split run, combine the parts with: data_prep/tokenize.py merge {path})"
             )
-        manifest = read_manifest(file)
-        _reserve_file_descriptors(len(manifest["shards"]))
+        manifest = Manifest.read(file)
+        _reserve_file_descriptors(len(manifest.shards))
         shards = []
-        for entry in manifest["shards"]:
+        for entry in manifest.shards:
             try:
                 shards.append(Shard.open(path / entry["name"], ShardInfo.from_dict(entry), verify))
             except CorruptShardError as e:
@@ -89,11 +88,11 @@ class TokenSet:
 
     @property
     def vocab_size(self) -> int:
-        return self.manifest["tokenizer"]["vocab_size"]
+        return self.manifest.tokenizer["vocab_size"]
 
     @property
     def eos_id(self) -> int:
-        return self.manifest["tokenizer"]["eos_id"]
+        return self.manifest.tokenizer["eos_id"]
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the stream, across shard boundaries."""
@@ -137,11 +136,11 @@ class TokenSet:
             warnings.warn(tokenizer, stacklevel=2)
 
 
-def misfit(path: Path, manifest: dict, vocab_size: int, tokenizer_dir: str | Path | None) -> tuple[str | None, str | None]:
+def misfit(path: Path, manifest: Manifest, vocab_size: int, tokenizer_dir: str | Path | None) -> tuple[str | None, str | None]:
     """How the token set at `path` (its `manifest`) does not fit a model of `vocab_size` with the
     tokenizer in `tokenizer_dir`: (ids beyond the vocabulary, another tokenizer), each None if fine."""
-    max_id = max((s["max_token_id"] for s in manifest["shards"]), default=-1)
-    tokenizer = manifest["tokenizer"]
+    max_id = max((s["max_token_id"] for s in manifest.shards), default=-1)
+    tokenizer = manifest.tokenizer
     size = other = None
     if max_id >= vocab_size or tokenizer["vocab_size"] > vocab_size:
         size = (f"{path} was tokenized with {tokenizer['name']} (vocab {tokenizer['vocab_size']}, ids up to "
@@ -199,7 +198,7 @@ class PackedMixture(torch.utils.data.Dataset):
                 f"need one positive weight per token set, got {len(sets)} sets and weights {weights.tolist()}"
             )
         for token_set in sets[1:]:
-            if token_set.manifest["tokenizer"] != sets[0].manifest["tokenizer"]:
+            if token_set.manifest.tokenizer != sets[0].manifest.tokenizer:
                 raise ValueError(f"{token_set.path} and {sets[0].path} were tokenized with different tokenizers")
         self.sets, self.seq_len, self.seed = list(sets), seq_len, seed
         self.windows = [s.num_windows(seq_len) for s in sets]

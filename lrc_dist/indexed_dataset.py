@@ -20,13 +20,14 @@ Both files are written under temporary names, fsynced and renamed (.bin before .
 file with a final name is complete; a shard counts as finished only once its record
 NAME.json exists (see lrc_dist/pretokenize.py for the resume protocol).
 
-manifest.json, written last and atomically, describes the whole set:
+manifest.json, written last and atomically, describes the whole set (class Manifest: written,
+read and checked here):
 
     format, format_version      "lrc_dist.tokens", FORMAT_VERSION
     tokenizer                   {name, path, sha256 (of tokenizer.json), vocab_size, eos_token, eos_id}
     dtype                       "uint16" | "uint32"
-    num_tokens, num_docs        totals over all shards
     config                      the settings that shaped the tokens (fields, max_chars, ...)
+    num_tokens, num_docs        totals over all shards
     shards                      in stream order: {name, source, source_bytes, records: [first,
                                 end), counts, num_tokens, num_docs, max_token_id, bin_bytes,
                                 bin_blake2b, bin_sample_blake2b, idx_blake2b}
@@ -35,8 +36,8 @@ manifest.json, written last and atomically, describes the whole set:
     ignored_paths               files met in input directories that are not a known format
 
 A split run (Slurm array task I of N) writes the same for its files to
-manifest.split-I-of-N.json (five-digit I and N), with "split": {index, count}; merging the N
-parts gives the manifest.json of a run over all files.
+manifest.split-I-of-N.json (five-digit I and N), with "split": {index, count} after config;
+merging the N parts gives the manifest.json of a run over all files.
 
 Checksums are blake2b-256 hex digests. The "fast" check compares the .bin size, the digest of
 SAMPLE_BLOCKS blocks spread over the .bin (first and last included) and the digest of the
@@ -51,7 +52,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -143,32 +144,82 @@ class ShardInfo:
         return cls(**{f.name: entry[f.name] for f in dataclasses.fields(cls)})
 
 
-MANIFEST_KEYS = ("format", "format_version", "tokenizer", "dtype", "config", "num_tokens", "num_docs", "shards",
-                 "sources", "ignored_paths")
+# What reading a manifest requires of its entries (besides every field of Manifest).
 TOKENIZER_KEYS = ("name", "path", "sha256", "vocab_size", "eos_id")
+SHARD_KEYS = ("name", "source", *(f.name for f in dataclasses.fields(ShardInfo)))
+SOURCE_KEYS = ("path", "records", "skipped", "modified", "error", "shards")
 
 
-def read_manifest(file: Path) -> dict[str, Any]:
-    """A token set's manifest (or split part), with an error naming the file and what is wrong
-    instead of a bare JSONDecodeError or KeyError."""
-    fix = "re-create it with data_prep/tokenize.py (the same arguments resume what is done)"
-    try:
-        manifest = json.loads(Path(file).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e}): {fix}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "lrc_dist.tokens":
-        raise ValueError(f"{file} is not an lrc_dist token-set manifest (no \"format\": \"lrc_dist.tokens\")")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file} has format_version {manifest.get('format_version')}; this lrc_dist reads "
-                         f"{FORMAT_VERSION}: {fix}")
-    missing = [k for k in MANIFEST_KEYS if k not in manifest]
-    missing += [f"tokenizer.{k}" for k in TOKENIZER_KEYS if k not in manifest.get("tokenizer", {})]
-    fields = [f.name for f in dataclasses.fields(ShardInfo)] + ["name"]
-    for i, entry in enumerate(manifest.get("shards", [])):
-        missing += [f"shards[{i}].{k}" for k in fields if not isinstance(entry, dict) or k not in entry]
-    if missing:
-        raise ValueError(f"{file} lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: {fix}")
-    return manifest
+@dataclasses.dataclass(kw_only=True)
+class Manifest:
+    """A token set's manifest.json, or a split part's manifest.split-I-of-N.json (then `split` is
+    {index, count}): the keys of the module doc, written in that order. Its entries (tokenizer,
+    config, shards, sources) are the JSON objects documented there."""
+
+    FORMAT: ClassVar[str] = "lrc_dist.tokens"  # the "format" key; "format_version" is FORMAT_VERSION
+
+    tokenizer: dict[str, Any]
+    dtype: str
+    config: dict[str, Any]
+    split: dict[str, int] | None = None
+    num_tokens: int
+    num_docs: int
+    shards: list[dict[str, Any]]
+    sources: list[dict[str, Any]]
+    ignored_paths: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object the file holds (`split` only in a split part)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.split is None:
+            del fields["split"]
+        return {"format": self.FORMAT, "format_version": FORMAT_VERSION, **fields}
+
+    def write(self, path: Path) -> None:
+        """Writes the manifest to `path` atomically."""
+        write_json_atomic(Path(path), self.to_json())
+
+    @classmethod
+    def read(cls, file: Path) -> Manifest:
+        """Reads and checks a manifest, with an error naming the file and what is wrong instead
+        of a bare JSONDecodeError or KeyError."""
+        fix = "re-create it with data_prep/tokenize.py (the same arguments resume what is done)"
+        try:
+            manifest = json.loads(Path(file).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file} is not valid JSON ({e}): {fix}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != cls.FORMAT:
+            raise ValueError(f"{file} is not an lrc_dist token-set manifest (no \"format\": \"{cls.FORMAT}\")")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{file} has format_version {manifest.get('format_version')}; this lrc_dist reads "
+                             f"{FORMAT_VERSION}: {fix}")
+        keys = [f.name for f in dataclasses.fields(cls)]
+        missing = [k for k in keys if k != "split" and k not in manifest]
+        missing += [f"tokenizer.{k}" for k in TOKENIZER_KEYS if k not in manifest.get("tokenizer", {})]
+        if "split" in manifest:
+            missing += [f"split.{k}" for k in ("index", "count") if not isinstance(manifest["split"], dict)
+                        or k not in manifest["split"]]
+        for name, entry_keys in (("shards", SHARD_KEYS), ("sources", SOURCE_KEYS)):
+            for i, entry in enumerate(manifest.get(name, [])):
+                missing += [f"{name}[{i}].{k}" for k in entry_keys if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise ValueError(f"{file} lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: {fix}")
+        return cls(**{k: manifest[k] for k in keys if k in manifest})
+
+    def summary(self) -> str:
+        """Counts, and each source's skipped and modified records and read error, in a few lines."""
+        lines = [
+            f"{self.num_tokens:,} tokens in {self.num_docs:,} documents, {len(self.shards)} shards, "
+            f"from {len(self.sources)} files"
+        ]
+        for source in self.sources:
+            issues = [f"{k} {v}" for k, v in {**source["skipped"], **source["modified"]}.items()]
+            if source["error"]:
+                issues.append(f"UNREADABLE after {source['records']} records: {source['error']}")
+            if issues:
+                lines.append(f"  {source['path']}: {', '.join(issues)}")
+        lines += [f"  ignored (unknown format): {path}" for path in self.ignored_paths]
+        return "\n".join(lines)
 
 
 class ShardWriter:

@@ -16,7 +16,7 @@ from pathlib import Path
 from lrc_dist.config import ConfigError, TrainConfig
 from lrc_dist.data import misfit
 from lrc_dist.families import CheckpointError, ModelArgs
-from lrc_dist.indexed_dataset import read_manifest
+from lrc_dist.indexed_dataset import Manifest
 from lrc_dist.model import INVALID_CONFIG, load_config, resized_config, weight_files
 from lrc_dist.resources import shipped
 
@@ -172,7 +172,7 @@ def _data(cfg: TrainConfig) -> list[str]:
                          f"data_prep/tokenize.py (after a split run: data_prep/tokenize.py merge {path})")
             continue
         try:
-            manifest = read_manifest(file)
+            manifest = Manifest.read(file)
         except ValueError as e:
             found.append(f"data.paths[{i}]: {e}")
             continue

@@ -62,17 +62,16 @@ def inspect(dir: str, docs: int = 3, windows: int = 2, seq_len: int = 64, chars:
     from tokenizers import Tokenizer
 
     from lrc_dist.data import PackedMixture, TokenSet
-    from lrc_dist.pretokenize import _summary
 
     token_set = TokenSet.open(dir, verify="fast")
-    m, tok = token_set.manifest, token_set.manifest["tokenizer"]
-    print(f"{dir}: {_summary(m)}")
+    m, tok = token_set.manifest, token_set.manifest.tokenizer
+    print(f"{dir}: {m.summary()}")
     lengths = np.concatenate([np.diff(s.offsets) for s in token_set.shards])
     print(f"  documents: {lengths.size:,}, tokens per document: mean {lengths.mean():,.0f}, median "
           f"{int(np.median(lengths)):,}, max {lengths.max():,}")
     print(f"  tokenizer: {tok['name']} ({tok['path']}), vocab {tok['vocab_size']:,}, EOS {tok['eos_token']!r} = "
-          f"{tok['eos_id']}, sha256 {tok['sha256'][:12]}; dtype {m['dtype']}")
-    settings = {k: v for k, v in m["config"].items() if k in ("text_field", "chat_field", "max_chars", "long_docs")}
+          f"{tok['eos_id']}, sha256 {tok['sha256'][:12]}; dtype {m.dtype}")
+    settings = {k: v for k, v in m.config.items() if k in ("text_field", "chat_field", "max_chars", "long_docs")}
     print(f"  settings: {settings}")
     decoder = Tokenizer.from_file(str(Path(tokenizer or tok["path"]) / "tokenizer.json"))
 

@@ -1,10 +1,10 @@
-"""Tokenizes a text corpus into a token set (format: lrc_dist.indexed_dataset); CLI: data_prep/tokenize.py.
+"""The tokenizing run: a text corpus into a token set (format: lrc_dist.indexed_dataset), resumable
+and split across processes and Slurm array tasks; CLI: lrc_dist.prep (data_prep/tokenize.py).
 
 Per input file ("source"), in one worker process with its own tokenizer:
 
-    read records -> take the text field, or render the conversation with the chat template
-    -> cap documents longer than max_chars -> batch-encode (tokenizers, Rust threads)
-    -> append EOS -> write shards of about shard_tokens tokens (documents never straddle shards)
+    read records (lrc_dist.sources) -> documents, batch-encoded with EOS (lrc_dist.documents)
+    -> write shards of about shard_tokens tokens (documents never straddle shards)
 
 Inputs: .jsonl/.json (JSON lines, or one JSON array), optionally .gz/.zst compressed; .txt
 (one document per file, optionally compressed); .parquet; directories saved with
@@ -39,7 +39,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import itertools
 import json
 import multiprocessing
 import os
@@ -48,29 +47,23 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tokenizers
-from jinja2 import TemplateError
 from tqdm import tqdm
 
+from lrc_dist.documents import MODIFICATIONS, batches, chat_tokenizer, encode
 from lrc_dist.indexed_dataset import (
     FORMAT_VERSION,
+    Manifest,
     ShardWriter,
     dtype_for_vocab,
-    read_manifest,
     tokenizer_sha256,
     write_json_atomic,
 )
-from lrc_dist.sources import BATCH_RECORDS, READ_ERRORS, READERS, Skip, Source, find_sources, split_sources
-
-SKIP_REASONS = ("bad_json", "bad_utf8", "missing_field", "bad_conversation", "empty")
-MODIFICATIONS = ("split", "truncated")
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-# A batch is encoded in one `encode_batch` call: large enough to keep the Rust threads busy,
-# bounded in characters (and records: sources.BATCH_RECORDS) so huge documents can't exhaust memory.
-BATCH_CHARS = 16 << 20
+from lrc_dist.sources import READ_ERRORS, READERS, SKIP_REASONS, Source, find_sources, split_sources
+from lrc_dist.tokenizer_files import find_eos, load_tokenizer
 
 
 class TokenizeError(RuntimeError):
@@ -97,27 +90,7 @@ class TokenizeConfig:
         return dtype_for_vocab(self.vocab_size)
 
 
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def load_tokenizer(tokenizer_dir: str | Path) -> tokenizers.Tokenizer:
-    """Loads DIR/tokenizer.json, with errors that name the path and the fix."""
-    path = Path(tokenizer_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"tokenizer directory {path} does not exist: pass --tokenizer DIR, a directory with "
-            "the teacher's tokenizer files (tokenizer.json, tokenizer_config.json)"
-        )
-    file = path / "tokenizer.json"
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{path} has no tokenizer.json (a fast tokenizer). If it holds a slow tokenizer, convert it once: python "
-            f"-c \"from transformers import AutoTokenizer as T; T.from_pretrained('{path}').save_pretrained('{path}')\""
-        )
-    try:
-        return tokenizers.Tokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise ValueError(f"{file} is not a readable tokenizers file ({e}); re-save it with transformers") from e
+# ----------------------------------------------------------------------------- settings
 
 
 def make_config(
@@ -136,17 +109,9 @@ def make_config(
         raise ValueError(f"max_chars and shard_tokens must be positive, got {max_chars} and {shard_tokens}")
     path = Path(tokenizer_dir).resolve()
     tokenizer = _process_tokenizer(str(path))
-    config_file = path / "tokenizer_config.json"
-    if eos_token is None:
-        eos = json.loads(config_file.read_text()).get("eos_token") if config_file.is_file() else None
-        eos_token = eos["content"] if isinstance(eos, dict) else eos
-        if not eos_token:
-            raise ValueError(f"{config_file} names no eos_token: pass --eos_token (e.g. '<|endoftext|>')")
-    eos_id = tokenizer.token_to_id(eos_token)
-    if eos_id is None:
-        raise ValueError(f"EOS token {eos_token!r} is not in {path / 'tokenizer.json'}: pass a valid --eos_token")
+    eos_token, eos_id = find_eos(path, tokenizer, eos_token)
     if chat_field is not None:
-        _chat_tokenizer(str(path))  # fails early, in the main process, when there is no template
+        chat_tokenizer(str(path))  # fails early, in the main process, when there is no template
     return TokenizeConfig(
         tokenizer_sha256=tokenizer_sha256(path / "tokenizer.json"),
         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
@@ -164,138 +129,6 @@ def make_config(
 def _process_tokenizer(tokenizer_dir: str) -> tokenizers.Tokenizer:
     """The process's tokenizer, loaded once (each worker process has its own)."""
     return load_tokenizer(tokenizer_dir)
-
-
-@functools.lru_cache(maxsize=1)
-def _chat_tokenizer(tokenizer_dir: str) -> Any:
-    from transformers import AutoTokenizer  # only chat rendering needs transformers
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    if not tokenizer.chat_template:
-        raise ValueError(
-            f"{tokenizer_dir} has no chat template (chat_template.jinja or 'chat_template' in "
-            "tokenizer_config.json): use the teacher's tokenizer directory, or drop --chat_field"
-        )
-    return tokenizer
-
-
-# ----------------------------------------------------------------------------- documents
-
-
-def _conversation(value: Any) -> list[dict[str, str]] | None:
-    """OpenHermes-style [{"from": "human", "value": ...}] (or role/content) -> chat messages."""
-    if not isinstance(value, list) or not value:
-        return None
-    messages = []
-    for turn in value:
-        if not isinstance(turn, dict):
-            return None
-        role = ROLES.get(turn.get("from", turn.get("role")))
-        content = turn.get("value", turn.get("content"))
-        if role is None or not isinstance(content, str):
-            return None
-        messages.append({"role": role, "content": content})
-    return messages
-
-
-def _document(value: Any, config: TokenizeConfig, tokenizer_dir: str) -> str | Skip:
-    """A record's document text, or why there is none."""
-    if isinstance(value, Skip):
-        return value
-    if value is None:
-        return Skip("missing_field")
-    if config.chat_field is not None:
-        messages = _conversation(value)
-        if messages is None:
-            return Skip("bad_conversation")
-        try:
-            value = _chat_tokenizer(tokenizer_dir).apply_chat_template(messages, tokenize=False)
-        except TemplateError:  # the template refuses it, e.g. roles that do not alternate
-            return Skip("bad_conversation")
-    if not isinstance(value, str):
-        return Skip("missing_field")
-    if not value or value.isspace():
-        return Skip("empty")
-    try:
-        value.encode("utf-8")  # JSON escapes can smuggle in lone surrogates the tokenizer rejects
-    except UnicodeEncodeError:
-        return Skip("bad_utf8")
-    return value
-
-
-def _pieces(text: str, max_chars: int) -> list[str]:
-    """Cuts a long document into pieces of at most max_chars, preferably before a space (GPT-2
-    style pre-tokenizers attach a leading space to the next word, so such cuts keep tokens
-    natural). The pieces' tokens are concatenated back into one document."""
-    pieces = []
-    start = 0
-    while len(text) - start > max_chars:
-        cut = text.rfind(" ", start + max_chars // 2, start + max_chars)
-        cut = cut if cut > start else start + max_chars
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
-
-
-@dataclasses.dataclass
-class _Batch:
-    """Documents of consecutive records, as pieces ready for one encode_batch call."""
-
-    texts: list[str] = dataclasses.field(default_factory=list)
-    piece_doc: list[int] = dataclasses.field(default_factory=list)  # document index of each piece
-    doc_records: list[int] = dataclasses.field(default_factory=list)  # record number of each document
-    events: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (record, skip/modification)
-    chars: int = 0
-    end: int = 0  # number of the record after the batch's last one
-
-
-def _batches(values: Iterable[Any], start: int, config: TokenizeConfig, tokenizer_dir: str) -> Iterator[_Batch]:
-    batch = _Batch(end=start)
-    for record, value in enumerate(values, start):
-        batch.end = record + 1
-        text = _document(value, config, tokenizer_dir)
-        if isinstance(text, Skip):
-            batch.events.append((record, text.reason))
-            continue
-        if len(text) > config.max_chars:
-            if config.long_docs == "split":
-                pieces = _pieces(text, config.max_chars)
-                batch.events.append((record, "split"))
-            else:
-                pieces = [text[: config.max_chars]]
-                batch.events.append((record, "truncated"))
-        else:
-            pieces = [text]
-        batch.texts += pieces
-        batch.piece_doc += [len(batch.doc_records)] * len(pieces)
-        batch.doc_records.append(record)
-        batch.chars += len(text)
-        if len(batch.doc_records) >= BATCH_RECORDS or batch.chars >= BATCH_CHARS:
-            yield batch
-            batch = _Batch(end=record + 1)
-    if batch.doc_records or batch.events:
-        yield batch
-
-
-def encode(
-    tokenizer: tokenizers.Tokenizer, texts: list[str], piece_doc: Sequence[int], eos_id: int, vocab_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes pieces in one batch; returns (tokens of each document + EOS, concatenated, as
-    uint32) and the documents' lengths. Raises if a token id is outside the vocabulary."""
-    ids = [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-    piece_lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    doc_lengths = np.bincount(piece_doc, weights=piece_lengths).astype(np.int64) + 1
-    tokens = np.empty(int(doc_lengths.sum()), dtype=np.uint32)
-    is_eos = np.zeros(tokens.size, dtype=bool)
-    is_eos[np.cumsum(doc_lengths) - 1] = True
-    tokens[is_eos] = eos_id
-    tokens[~is_eos] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(piece_lengths.sum()))
-    if tokens.size and tokens.max() >= vocab_size:
-        raise RuntimeError(
-            f"tokenizer produced id {tokens.max()} >= its vocabulary size {vocab_size}: broken tokenizer.json"
-        )
-    return tokens, doc_lengths
 
 
 # ----------------------------------------------------------------------------- one source
@@ -399,7 +232,8 @@ def tokenize_source(
 
     records = shards.first_record
     try:
-        for batch in _batches(values(), shards.first_record, config, tokenizer_dir):
+        chat_dir = tokenizer_dir if config.chat_field is not None else None
+        for batch in batches(values(), shards.first_record, config.max_chars, config.long_docs, chat_dir):
             shards.pending += batch.events
             records = batch.end
             if batch.texts:
@@ -509,33 +343,19 @@ def _run(
         return reports + [f.result() for f in futures]
 
 
-def _manifest(base: dict[str, Any], reports: list[dict[str, Any]], ignored: list[str]) -> dict[str, Any]:
-    """A manifest (or split part) from per-source reports; shards in source-path order."""
+def _manifest(reports: list[dict[str, Any]], ignored: list[str], **header: Any) -> Manifest:
+    """A manifest (or split part, with `split` in `header`) from per-source reports; shards in
+    source-path order. header: tokenizer, dtype, config (and split)."""
     reports = sorted(reports, key=lambda r: r["path"])
     shards = [shard for r in reports for shard in r["shards"]]
-    return {
-        **base,
-        "num_tokens": sum(s["num_tokens"] for s in shards),
-        "num_docs": sum(s["num_docs"] for s in shards),
-        "shards": shards,
-        "sources": [{**r, "shards": [s["name"] for s in r["shards"]]} for r in reports],
-        "ignored_paths": sorted(set(ignored)),
-    }
-
-
-def _summary(manifest: dict[str, Any]) -> str:
-    lines = [
-        f"{manifest['num_tokens']:,} tokens in {manifest['num_docs']:,} documents, {len(manifest['shards'])} shards, "
-        f"from {len(manifest['sources'])} files"
-    ]
-    for source in manifest["sources"]:
-        issues = [f"{k} {v}" for k, v in {**source["skipped"], **source["modified"]}.items()]
-        if source["error"]:
-            issues.append(f"UNREADABLE after {source['records']} records: {source['error']}")
-        if issues:
-            lines.append(f"  {source['path']}: {', '.join(issues)}")
-    lines += [f"  ignored (unknown format): {path}" for path in manifest["ignored_paths"]]
-    return "\n".join(lines)
+    return Manifest(
+        **header,
+        num_tokens=sum(s["num_tokens"] for s in shards),
+        num_docs=sum(s["num_docs"] for s in shards),
+        shards=shards,
+        sources=[{**r, "shards": [s["name"] for s in r["shards"]]} for r in reports],
+        ignored_paths=sorted(set(ignored)),
+    )
 
 
 # What tokenize_corpus writes into an output directory (shards are SOURCEKEY-NNNNN.*).
@@ -592,7 +412,7 @@ def tokenize_corpus(
     progress: bool = True,
     split: str | None = None,
     overwrite: bool = False,
-) -> dict[str, Any]:
+) -> Manifest:
     """Tokenizes `input` into the token set directory `output`; returns the manifest written.
 
     input: a file, a directory (walked recursively), a glob, or a list of them.
@@ -627,67 +447,61 @@ def tokenize_corpus(
     _check_output(out, config)
     tokenizer_dir = str(Path(tokenizer).resolve())
     reports = _run(mine, config, tokenizer_dir, out, workers, progress, keep_partial=allow_errors)
-    base = {
-        "format": "lrc_dist.tokens",
-        "format_version": FORMAT_VERSION,
-        "tokenizer": {
-            "name": Path(tokenizer_dir).name,
-            "path": tokenizer_dir,
-            "sha256": config.tokenizer_sha256,
-            "vocab_size": config.vocab_size,
-            "eos_token": config.eos_token,
-            "eos_id": config.eos_id,
-        },
-        "dtype": config.dtype.name,
-        "config": dataclasses.asdict(config),
+    tokenizer_entry = {
+        "name": Path(tokenizer_dir).name,
+        "path": tokenizer_dir,
+        "sha256": config.tokenizer_sha256,
+        "vocab_size": config.vocab_size,
+        "eos_token": config.eos_token,
+        "eos_id": config.eos_id,
     }
-    if num_splits > 1:
-        base["split"] = {"index": split_index, "count": num_splits}
-    manifest = _manifest(base, reports, ignored)
-    print(_summary(manifest))
-    failed = [s["path"] for s in manifest["sources"] if s["error"]]
+    split_entry = {"index": split_index, "count": num_splits} if num_splits > 1 else None
+    manifest = _manifest(reports, ignored, tokenizer=tokenizer_entry, dtype=config.dtype.name,
+                         config=dataclasses.asdict(config), split=split_entry)
+    print(manifest.summary())
+    failed = [s["path"] for s in manifest.sources if s["error"]]
     if failed and not allow_errors:
         raise TokenizeError(
             f"{len(failed)} input files could not be read to the end (listed above, first: {failed[0]}): fix or "
             "remove them and rerun (finished files are skipped), or pass --allow_errors to keep what was read"
         )
-    if mine and manifest["num_docs"] == 0:
+    if mine and manifest.num_docs == 0:
         raise TokenizeError(
             f"no documents were tokenized from {len(mine)} files (counts above): check --text_field/--chat_field"
         )
     name = f"manifest.split-{split_index:05d}-of-{num_splits:05d}.json" if num_splits > 1 else "manifest.json"
-    write_json_atomic(out / name, manifest)
+    manifest.write(out / name)
     print(f"wrote {out / name}")
     return manifest
 
 
-def merge_splits(output: str) -> dict[str, Any]:
+def merge_splits(output: str) -> Manifest:
     """Combines the split manifests of a token set directory into its manifest.json."""
     out = Path(output)
-    parts = [read_manifest(p) for p in sorted(out.glob("manifest.split-*-of-*.json"))]
-    if not parts:
+    files = sorted(out.glob("manifest.split-*-of-*.json"))
+    if not files:
         raise FileNotFoundError(
             f"{out} has no manifest.split-*-of-*.json: run the splits (slurm/tokenize_array.sh) first"
         )
-    count = parts[0]["split"]["count"]
-    missing = sorted(set(range(count)) - {p["split"]["index"] for p in parts if p["split"]["count"] == count})
-    if missing or any(p["split"]["count"] != count for p in parts):
+    parts = [Manifest.read(file) for file in files]
+    for file, part in zip(files, parts, strict=True):
+        if part.split is None:
+            raise ValueError(f"{file} has no \"split\": it is not a split part; remove it or rename it")
+    count = parts[0].split["count"]
+    missing = sorted(set(range(count)) - {p.split["index"] for p in parts if p.split["count"] == count})
+    if missing or any(p.split["count"] != count for p in parts):
         raise ValueError(
             f"{out}: splits {missing} of {count} are missing (or counts differ): rerun those split indices"
         )
-    if any(p["config"] != parts[0]["config"] for p in parts):
+    if any(p.config != parts[0].config for p in parts):
         raise ValueError(
             f"{out}: the split manifests were made with different settings: retokenize into a new --output"
         )
-    shards = {s["name"]: s for p in parts for s in p["shards"]}
-    reports = [{**source, "shards": [shards[n] for n in source["shards"]]} for p in parts for source in p["sources"]]
-    base = {
-        k: v
-        for k, v in parts[0].items()
-        if k not in ("split", "num_tokens", "num_docs", "shards", "sources", "ignored_paths")
-    }
-    manifest = _manifest(base, reports, [path for p in parts for path in p["ignored_paths"]])
-    write_json_atomic(out / "manifest.json", manifest)
-    print(_summary(manifest))
+    shards = {s["name"]: s for p in parts for s in p.shards}
+    reports = [{**source, "shards": [shards[n] for n in source["shards"]]} for p in parts for source in p.sources]
+    manifest = _manifest(reports, [path for p in parts for path in p.ignored_paths],
+                         tokenizer=parts[0].tokenizer, dtype=parts[0].dtype, config=parts[0].config)
+    manifest.write(out / "manifest.json")
+    print(manifest.summary())
     print(f"wrote {out / 'manifest.json'}")
     return manifest

@@ -27,6 +27,9 @@ COMPRESSIONS = (".gz", ".zst", ".zstd")
 BATCH_RECORDS = 1024  # records per read batch (and at most per encode batch)
 # Reading errors that make a file "unreadable" (reported), as opposed to bugs or a full disk.
 READ_ERRORS = (OSError, EOFError, ValueError, zstandard.ZstdError)
+# Why a record yields no document: unreadable (bad_json, bad_utf8; the readers), no document value
+# (missing_field, bad_conversation, empty; lrc_dist.documents).
+SKIP_REASONS = ("bad_json", "bad_utf8", "missing_field", "bad_conversation", "empty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +52,6 @@ class Source:
         """Shard name prefix: readable file name plus a hash of the full path (unique)."""
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.path).name)[:60]
         return f"{name}-{hashlib.sha1(self.path.encode()).hexdigest()[:8]}"
-
-
 
 
 def _kind(path: Path) -> str | None:

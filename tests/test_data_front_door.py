@@ -15,7 +15,8 @@ import pytest
 import zstandard
 
 from lrc_dist.data import PackedMixture, TokenSet
-from lrc_dist.indexed_dataset import CorruptShardError
+from lrc_dist.indexed_dataset import CorruptShardError, Manifest
+from lrc_dist.sources import find_sources
 from test_tokenize import GPT2, ROOT, decoded_texts, jsonl_bytes, kept, make_docs, run
 
 CLI = [sys.executable, str(ROOT / "data_prep" / "tokenize.py")]
@@ -32,7 +33,7 @@ def test_a_dataset_dict_needs_a_split_and_gives_only_that_split(tmp_path):
     with pytest.raises(ValueError, match=r"\('test' is none of them\)"):
         run(str(tmp_path / "dd"), tmp_path / "out", split="test")
     manifest = run(str(tmp_path / "dd"), tmp_path / "out", split="train")
-    assert [s["path"] for s in manifest["sources"]] == [str((tmp_path / "dd/train").resolve())]
+    assert [s["path"] for s in manifest.sources] == [str((tmp_path / "dd/train").resolve())]
     assert decoded_texts(tmp_path / "out") == kept(train)  # no validation, no dataset_dict.json "document"
 
 
@@ -77,7 +78,7 @@ def test_allow_errors_keeps_the_records_read_before_a_truncation(tmp_path):
     blob = zstandard.ZstdCompressor().compress(jsonl_bytes(docs))
     (tmp_path / "cut.jsonl.zst").write_bytes(blob[: len(blob) // 2])
     manifest = run(str(tmp_path / "cut.jsonl.zst"), tmp_path / "out", allow_errors=True)  # one shard would hold all
-    (source,) = manifest["sources"]
+    (source,) = manifest.sources
     assert source["error"] and source["docs"] > 100, source
     texts = decoded_texts(tmp_path / "out")
     assert texts == kept(docs)[: len(texts)]
@@ -96,6 +97,23 @@ def test_manifest_errors_name_the_file(tmp_path):
         TokenSet.open(tmp_path / "out")
 
 
+def test_a_manifest_round_trips_and_names_what_it_lacks(tmp_path):
+    written = run(str(write_docs(tmp_path)), tmp_path / "out")
+    file = tmp_path / "out/manifest.json"
+    assert Manifest.read(file) == written and written.split is None
+    written.write(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == file.read_bytes(), "the same bytes as the pipeline wrote"
+    part = Manifest(**{**vars(written), "split": {"index": 1, "count": 2}})
+    part.write(tmp_path / "part.json")
+    assert Manifest.read(tmp_path / "part.json") == part and list(json.loads((tmp_path / "part.json").read_text()))[:6] \
+        == ["format", "format_version", "tokenizer", "dtype", "config", "split"]
+    broken = json.loads(file.read_text())
+    del broken["dtype"], broken["sources"][0]["error"]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'broken.json'} lacks dtype, sources\[0\].error: re-create it"):
+        Manifest.read(tmp_path / "broken.json")
+
+
 def write_docs(root, n=30):
     (root / "docs.jsonl").write_bytes(jsonl_bytes(make_docs(n)))
     return root / "docs.jsonl"
@@ -103,7 +121,7 @@ def write_docs(root, n=30):
 
 def test_the_loader_catches_token_ids_beyond_the_vocabulary(tmp_path):
     manifest = run(str(write_docs(tmp_path)), tmp_path / "out")
-    shard = tmp_path / "out" / f"{manifest['shards'][0]['name']}.bin"
+    shard = tmp_path / "out" / f"{manifest.shards[0]['name']}.bin"
     tokens = np.memmap(shard, dtype=np.uint16, mode="r+")
     tokens[40] = 60000  # bit rot: GPT-2 has 50257 ids
     tokens.flush()
@@ -128,18 +146,16 @@ def test_overwrite_starts_over_and_refuses_foreign_files(tmp_path):
     with pytest.raises(ValueError, match="pass --overwrite to start over"):
         run(str(write_docs(tmp_path)), tmp_path / "out", max_chars=500)
     manifest = run(str(write_docs(tmp_path)), tmp_path / "out", max_chars=500, overwrite=True)
-    assert manifest["config"]["max_chars"] == 500
+    assert manifest.config["max_chars"] == 500
     (tmp_path / "out/notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds files that are not a token set's"):
         run(str(write_docs(tmp_path)), tmp_path / "out", overwrite=True)
 
 
 def test_a_failing_worker_stops_the_run_before_the_queued_files(tmp_path):
-    from lrc_dist import pretokenize
-
     for i in range(6):
         (tmp_path / f"part{i}.jsonl").write_bytes(jsonl_bytes(make_docs(400, seed=i)))
-    first = pretokenize.find_sources(str(tmp_path / "part0.jsonl"))[0][0]
+    first = find_sources(str(tmp_path / "part0.jsonl"))[0][0]
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / f"{first.key}-00000.bin.tmp").mkdir()  # part0's worker cannot write its shard
     with pytest.raises(IsADirectoryError):

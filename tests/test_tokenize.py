@@ -1,5 +1,6 @@
-"""data_prep/tokenize.py and lrc_dist.pretokenize: every input format round-trips through the
-real GPT-2 tokenizer, bad input is counted, reruns resume, splits merge into the same set."""
+"""data_prep/tokenize.py and the data prep behind it (lrc_dist.sources, documents, pretokenize):
+every input format round-trips through the real GPT-2 tokenizer, bad input is counted, reruns
+resume, splits merge into the same set."""
 
 import functools
 import gzip
@@ -15,9 +16,11 @@ import pytest
 import tokenizers
 import zstandard
 
-from lrc_dist import pretokenize
+from lrc_dist import documents, pretokenize
 from lrc_dist.data import TokenSet
+from lrc_dist.indexed_dataset import Manifest
 from lrc_dist.pretokenize import TokenizeError, tokenize_corpus
+from lrc_dist.sources import find_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2 = ROOT / "assets" / "tokenizers" / "gpt2"
@@ -61,7 +64,7 @@ def decoded_texts(out: Path, special_tokens_are_text: bool = True) -> list[str]:
     return texts
 
 
-def run(inputs, out: Path, **kwargs) -> dict:
+def run(inputs, out: Path, **kwargs) -> Manifest:
     return tokenize_corpus(inputs, str(GPT2), str(out), workers=kwargs.pop("workers", 1), progress=False, **kwargs)
 
 
@@ -109,11 +112,11 @@ def test_roundtrip_every_format(tmp_path, fmt):
     inputs = write_format(fmt, docs, tmp_path)
     manifest = run(str(inputs), tmp_path / "out", shard_tokens=500)
     assert decoded_texts(tmp_path / "out") == kept(docs)
-    assert len(manifest["shards"]) > 1 and manifest["dtype"] == "uint16"
-    assert sum(s["skipped"].get("empty", 0) for s in manifest["sources"]) == 2
+    assert len(manifest.shards) > 1 and manifest.dtype == "uint16"
+    assert sum(s["skipped"].get("empty", 0) for s in manifest.sources) == 2
     tok = tokenizers.Tokenizer.from_file(str(GPT2 / "tokenizer.json"))
     tok.encode_special_tokens = True  # plain text: "<|endoftext|>" in a document is text
-    assert manifest["num_tokens"] == sum(len(tok.encode(d).ids) + 1 for d in kept(docs))
+    assert manifest.num_tokens == sum(len(tok.encode(d).ids) + 1 for d in kept(docs))
 
 
 def test_inputs_may_be_a_list_of_files_directories_and_globs(tmp_path):
@@ -125,10 +128,10 @@ def test_inputs_may_be_a_list_of_files_directories_and_globs(tmp_path):
     (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes(docs[20:])))
     inputs = [str(tmp_path / "a"), str(tmp_path / "b" / "*.gz"), str(tmp_path / "c.jsonl.zst"), str(tmp_path / "a")]
     manifest = run(inputs, tmp_path / "a" / "out")  # an output inside an input directory is not read back
-    assert [Path(s["path"]).name for s in manifest["sources"]] == ["x.jsonl", "y.json.gz", "c.jsonl.zst"]
+    assert [Path(s["path"]).name for s in manifest.sources] == ["x.jsonl", "y.json.gz", "c.jsonl.zst"]
     assert decoded_texts(tmp_path / "a" / "out") == kept(docs)
     rerun = run(inputs, tmp_path / "a" / "out")
-    assert rerun["sources"] == manifest["sources"]
+    assert rerun.sources == manifest.sources
 
 
 def test_chat_conversations_use_the_chat_template(tmp_path):
@@ -160,7 +163,7 @@ def test_chat_conversations_use_the_chat_template(tmp_path):
     ]
     assert decoded_texts(tmp_path / "out", special_tokens_are_text=False) == expected
     assert "<|user|>\nGröße?\n<|assistant|>\nSize.\n" in expected[0]
-    assert manifest["sources"][0]["skipped"] == {"bad_conversation": 2, "missing_field": 1}
+    assert manifest.sources[0]["skipped"] == {"bad_conversation": 2, "missing_field": 1}
 
 
 def test_conversations_the_template_rejects_are_counted(tmp_path):
@@ -180,7 +183,7 @@ def test_conversations_the_template_rejects_are_counted(tmp_path):
         workers=1,
         progress=False,
     )
-    assert manifest["sources"][0]["skipped"] == {"bad_conversation": 1} and manifest["num_docs"] == 1
+    assert manifest.sources[0]["skipped"] == {"bad_conversation": 1} and manifest.num_docs == 1
     assert decoded_texts(tmp_path / "out", special_tokens_are_text=False) == ["[user] hi\n"]
 
 
@@ -201,18 +204,18 @@ def test_bad_input_is_counted_and_reported(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (tmp_path / "notes.md").write_text("not an input format")
     manifest = run(str(tmp_path), tmp_path / "out", max_chars=50)
-    (source,) = manifest["sources"]
+    (source,) = manifest.sources
     assert source["records"] == 10 and source["docs"] == 3
     assert source["skipped"] == {"bad_json": 1, "bad_utf8": 2, "missing_field": 3, "empty": 1}
     assert source["modified"] == {"split": 1}
-    assert manifest["ignored_paths"] == [str(tmp_path / "notes.md")]
+    assert manifest.ignored_paths == [str(tmp_path / "notes.md")]
     assert decoded_texts(tmp_path / "out") == ["good one", "long document " * 10, "good two"]
     printed = capsys.readouterr().out
     assert f"{tmp_path / 'bad.jsonl'}: bad_json 1, bad_utf8 2, missing_field 3, empty 1, split 1" in printed
     assert f"ignored (unknown format): {tmp_path / 'notes.md'}" in printed
 
     manifest = run(str(tmp_path / "bad.jsonl"), tmp_path / "truncated", max_chars=50, long_docs="truncate")
-    assert manifest["sources"][0]["modified"] == {"truncated": 1}
+    assert manifest.sources[0]["modified"] == {"truncated": 1}
     assert decoded_texts(tmp_path / "truncated")[1] == ("long document " * 10)[:50]
 
 
@@ -220,7 +223,7 @@ def test_shards_record_their_record_ranges_and_counts(tmp_path):
     docs = ["" if i % 5 == 2 else f"document number {i} " * (1 + i % 3) for i in range(30)]
     (tmp_path / "d.jsonl").write_bytes(jsonl_bytes(docs))
     manifest = run(str(tmp_path / "d.jsonl"), tmp_path / "out", shard_tokens=12)
-    shards = manifest["shards"]
+    shards = manifest.shards
     assert [s["records"][0] for s in shards[1:]] == [s["records"][1] for s in shards[:-1]]
     assert shards[0]["records"][0] == 0 and shards[-1]["records"][1] == 30
     for shard in shards:
@@ -247,9 +250,9 @@ def test_unreadable_files_fail_the_run_unless_allowed(tmp_path, capsys):
     assert "UNREADABLE after 0 records: ArrowInvalid" in printed[str(tmp_path / "broken.parquet")]
 
     manifest = run(str(tmp_path), tmp_path / "out", shard_tokens=5000, allow_errors=True)
-    errors = {Path(s["path"]).name: s["error"] for s in manifest["sources"]}
+    errors = {Path(s["path"]).name: s["error"] for s in manifest.sources}
     assert errors["good.jsonl"] is None and all(errors[n] for n in ("cut.jsonl.zst", "junk.json.gz", "broken.parquet"))
-    cut = next(s for s in manifest["sources"] if s["path"].endswith("cut.jsonl.zst"))
+    cut = next(s for s in manifest.sources if s["path"].endswith("cut.jsonl.zst"))
     assert cut["docs"] > 0, "shards finished before the cut are kept"
     assert decoded_texts(tmp_path / "out")[-len(kept(docs)) :] == kept(docs)  # junk.json.gz, after it, has none
 
@@ -262,7 +265,7 @@ def test_missing_column_names_the_field(tmp_path, capsys):
     with pytest.raises(TokenizeError):
         run(str(tmp_path / "x.parquet"), tmp_path / "out")
     assert "has no column 'text' (columns: ['content']): pass --text_field" in capsys.readouterr().out
-    assert run(str(tmp_path / "x.parquet"), tmp_path / "out2", text_field="content")["num_docs"] == 2
+    assert run(str(tmp_path / "x.parquet"), tmp_path / "out2", text_field="content").num_docs == 2
 
 
 def test_clear_errors_for_bad_tokenizer_or_empty_input(tmp_path):
@@ -297,7 +300,7 @@ def test_rerun_resumes_after_the_last_finished_shard(tmp_path, monkeypatch):
     for i in range(2):
         (tmp_path / f"part{i}.jsonl").write_bytes(jsonl_bytes(make_docs(60, seed=i)))
     reference = run(str(tmp_path / "*.jsonl"), tmp_path / "ref", shard_tokens=400)
-    assert len(reference["shards"]) >= 6
+    assert len(reference.shards) >= 6
 
     calls = {"n": 0}
     real_encode = pretokenize.encode
@@ -308,7 +311,7 @@ def test_rerun_resumes_after_the_last_finished_shard(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if the job were cancelled mid-file
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(pretokenize, "BATCH_RECORDS", 16)
+    monkeypatch.setattr(documents, "BATCH_RECORDS", 16)
     monkeypatch.setattr(pretokenize, "encode", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         run(str(tmp_path / "*.jsonl"), tmp_path / "out", shard_tokens=400)
@@ -317,7 +320,7 @@ def test_rerun_resumes_after_the_last_finished_shard(tmp_path, monkeypatch):
     finished = sorted(p.stem for p in out.glob("*-[0-9][0-9][0-9][0-9][0-9].json"))
     assert finished and not list(out.glob("*.source.json"))
     # A SIGKILL could also leave a renamed shard without its record, and temporary files:
-    unrecorded = reference["shards"][len(finished)]["name"]
+    unrecorded = reference.shards[len(finished)]["name"]
     (out / f"{unrecorded}.bin").write_bytes(b"\0" * 10)
     (out / f"{unrecorded}.idx").write_bytes(b"\0" * 10)
     (out / f"{unrecorded}.bin.tmp").write_bytes(b"\0" * 10)
@@ -325,7 +328,7 @@ def test_rerun_resumes_after_the_last_finished_shard(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pretokenize, "encode", real_encode)
     resumed = run(str(tmp_path / "*.jsonl"), tmp_path / "out", shard_tokens=400)
-    assert resumed["shards"] == reference["shards"] and resumed["sources"] == reference["sources"]
+    assert resumed.shards == reference.shards and resumed.sources == reference.sources
     after = shard_files(out)
     for name in finished:
         for suffix in (".bin", ".idx"):
@@ -340,7 +343,7 @@ def test_rerun_resumes_after_the_last_finished_shard(tmp_path, monkeypatch):
     with open(tmp_path / "part1.jsonl", "ab") as f:  # a changed input is tokenized again
         f.write(jsonl_bytes(["one more document"]))
     changed = run(str(tmp_path / "*.jsonl"), tmp_path / "out", shard_tokens=400)
-    assert changed["num_docs"] == reference["num_docs"] + 1
+    assert changed.num_docs == reference.num_docs + 1
     assert decoded_texts(out) == decoded_texts(tmp_path / "ref") + ["one more document"]
     part0 = {k: v for k, v in rerun_before.items() if k.startswith("part0")}
     assert part0 and all(shard_files(out)[k] == v for k, v in part0.items())
@@ -353,7 +356,7 @@ def test_workers_and_slurm_splits_give_the_same_token_set(tmp_path):
         (tmp_path / f"part{i}.jsonl").write_bytes(jsonl_bytes(make_docs(30 + 10 * i, seed=i)))
     reference = run(str(tmp_path / "*.jsonl"), tmp_path / "ref", shard_tokens=700)
     pooled = run(str(tmp_path / "*.jsonl"), tmp_path / "pool", shard_tokens=700, workers=2)
-    assert pooled["shards"] == reference["shards"]
+    assert pooled.shards == reference.shards
 
     env = {
         **os.environ,
@@ -377,7 +380,7 @@ def test_workers_and_slurm_splits_give_the_same_token_set(tmp_path):
         ["bash", script, "--merge", str(tmp_path / "split")], env=env, capture_output=True, text=True
     )
     assert merged.returncode == 0, merged.stderr
-    assert json.loads((tmp_path / "split" / "manifest.json").read_text()) == reference
+    assert (tmp_path / "split" / "manifest.json").read_bytes() == (tmp_path / "ref" / "manifest.json").read_bytes()
 
     (tmp_path / "split" / "manifest.split-00001-of-00002.json").unlink()
     (tmp_path / "split" / "manifest.json").unlink()
@@ -390,7 +393,7 @@ def test_workers_and_slurm_splits_give_the_same_token_set(tmp_path):
 def test_a_failing_worker_fails_the_run(tmp_path):
     for i in range(2):
         (tmp_path / f"part{i}.jsonl").write_bytes(jsonl_bytes(make_docs(20, seed=i)))
-    source = pretokenize.find_sources(str(tmp_path / "part1.jsonl"))[0][0]
+    source = find_sources(str(tmp_path / "part1.jsonl"))[0][0]
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / f"{source.key}-00000.bin.tmp").mkdir()  # the worker cannot write its shard
     with pytest.raises(IsADirectoryError, match=f"{source.key}-00000.bin.tmp"):
@@ -412,25 +415,25 @@ def test_vocab_over_65536_uses_uint32(tmp_path):
     docs = ["high ids <x15999> and <x9000> and <x1> here", "plain Größe text"]
     (tmp_path / "d.jsonl").write_bytes(jsonl_bytes(docs))
     manifest = tokenize_corpus(str(tmp_path / "d.jsonl"), str(big), str(tmp_path / "out"), workers=1, progress=False)
-    assert manifest["dtype"] == "uint32" and manifest["tokenizer"]["vocab_size"] == 66257
+    assert manifest.dtype == "uint32" and manifest.tokenizer["vocab_size"] == 66257
     ids = decode_all(tmp_path / "out")
     assert 66256 in ids[0] and max(ids[0]) == 66256
     assert [tok.decode(d[:-1], skip_special_tokens=False) for d in ids] == docs
-    (shard,) = manifest["shards"]
-    assert (tmp_path / "out" / f"{shard['name']}.bin").stat().st_size == 4 * manifest["num_tokens"]
+    (shard,) = manifest.shards
+    assert (tmp_path / "out" / f"{shard['name']}.bin").stat().st_size == 4 * manifest.num_tokens
 
 
 def test_token_ids_are_checked_against_the_vocabulary():
     tok = gpt2()
-    tokens, lengths = pretokenize.encode(tok, ["Hello world", "a"], [0, 1], EOS, 50257)
+    tokens, lengths = documents.encode(tok, ["Hello world", "a"], [0, 1], EOS, 50257)
     assert tokens.tolist() == [15496, 995, EOS, 64, EOS] and lengths.tolist() == [3, 2]
     with pytest.raises(RuntimeError, match="tokenizer produced id 15496 >= its vocabulary size 1000"):
-        pretokenize.encode(tok, ["Hello world"], [0], 0, 1000)
+        documents.encode(tok, ["Hello world"], [0], 0, 1000)
 
 
 def test_long_documents_are_split_before_spaces():
     text = "word " * 30 + "x" * 100
-    pieces = pretokenize._pieces(text, 40)
+    pieces = documents._pieces(text, 40)
     assert "".join(pieces) == text and all(len(p) <= 40 for p in pieces)
     assert all(p.startswith(" ") for p in pieces[1:4]), "cuts fall before a space while there is one"
 
