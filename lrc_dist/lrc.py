@@ -249,7 +249,7 @@ class LowRankClone(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Projections ~ N(0, init_std), student norms = 1. Deterministic in `seed`."""
+        """Projections ~ N(0, init_std), student norms scaling by 1. Deterministic in `seed`."""
         g = torch.Generator().manual_seed(seed)
         for name, param in self.named_parameters():
             if not param.requires_grad:
