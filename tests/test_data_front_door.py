@@ -153,8 +153,8 @@ def test_overwrite_starts_over_and_refuses_foreign_files(tmp_path):
 
 
 def test_a_failing_worker_stops_the_run_before_the_queued_files(tmp_path):
-    for i in range(6):
-        (tmp_path / f"part{i}.jsonl").write_bytes(jsonl_bytes(make_docs(400, seed=i)))
+    for i in range(6):  # part0 fails at once, while the other worker is still on part1 of five long files
+        (tmp_path / f"part{i}.jsonl").write_bytes(jsonl_bytes(make_docs(20 if i == 0 else 3000, seed=i)))
     first = find_sources(str(tmp_path / "part0.jsonl"))[0][0]
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / f"{first.key}-00000.bin.tmp").mkdir()  # part0's worker cannot write its shard
