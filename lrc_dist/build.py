@@ -3,11 +3,14 @@ export of a checkpoint and the tests all build it here, identically on every ran
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from lrc_dist.align import vocab_overlap
 from lrc_dist.config import TrainConfig
 from lrc_dist.dskd import projector_lr_scale
+from lrc_dist.indexed_dataset import Manifest
 from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
 from lrc_dist.lrc import LowRankClone
 from lrc_dist.model import CausalLM
@@ -42,6 +45,8 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Distillat
     else:
         model = LowRankClone(teacher, m.lrc)
         model.init_weights(cfg.seed)
+    if cfg.data.document_mask:
+        model.set_document_mask(Manifest.read(Path(cfg.data.paths[0]) / "manifest.json").tokenizer["eos_id"])
     if cfg.loss.dskd_weight:
         model.enable_dual_space()
         scale = cfg.optim.dskd_projector_lr_scale

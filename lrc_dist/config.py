@@ -87,6 +87,9 @@ class DataConfig:
     teacher_max_len: int | None = None
     """cross-tokenizer KD: the most teacher tokens a window's text may take (the rest go
     unaligned); null: 2 * seq_len"""
+    document_mask: bool = False
+    """attention stays within each document of a packed window (no token attends across an EOS)
+    and RoPE positions restart per document, for teacher and student alike"""
 
     def mixture_weights(self) -> list[float] | None:
         """The weights the mixture uses: none (equal) for a single path, whatever a recipe says."""

@@ -96,6 +96,15 @@ class KnowledgeDistillation(nn.Module):
             return w_s.index_select(0, self.student_vocab), w_t.index_select(0, self.teacher_vocab)
         return w_s, w_t
 
+    def set_document_mask(self, eos_id: int | None) -> None:
+        """Attention and RoPE positions per document of a packed window (documents end with
+        `eos_id`), for student and teacher alike; None: the whole window is one sequence."""
+        if self.cross_tokenizer and eos_id is not None:
+            raise ValueError("data.document_mask is not supported across tokenizers yet: set it to false.")
+        for model in (self.student, self.teacher):
+            if model is not None:
+                model.document_eos = eos_id
+
     def enable_dual_space(self) -> None:
         """Add the DSKD projector (loss.dskd_weight), ideally initialised from the two (KD) heads."""
         if self.teacher is None:

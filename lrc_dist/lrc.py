@@ -29,7 +29,7 @@ from lrc_dist.model import (
     CausalLM,
     CheckpointError,
     DecoderLayer,
-    Rope,
+    Context,
     RMSNorm,
     Weights,
     add_parameter,
@@ -149,7 +149,7 @@ class LowRankBlock(nn.Module):
         w.update({n: get_parameter(self, hf) for n, hf in self.norm_names.items()})
         return w
 
-    def teacher_forward(self, h_t: Tensor, rope: dict[str, Rope]) -> tuple[Tensor, dict[str, Tensor]]:
+    def teacher_forward(self, h_t: Tensor, ctx: Context) -> tuple[Tensor, dict[str, Tensor]]:
         taps: dict[str, Tensor] = {}
 
         def record(name: str, value: Tensor) -> Tensor:
@@ -157,10 +157,10 @@ class LowRankBlock(nn.Module):
             return value
 
         with torch.no_grad():  # not inference_mode: FSDP must still unshard these weights
-            return self.teacher(h_t, rope, record), taps
+            return self.teacher(h_t, ctx, record), taps
 
     def student_forward(
-        self, h_s: Tensor, teacher_taps: dict[str, Tensor], rope: dict[str, Rope], valid: Tensor | None = None
+        self, h_s: Tensor, teacher_taps: dict[str, Tensor], ctx: Context, valid: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's layer (the model's own `decoder_layer`, generated weights) and its clone
         terms: its q, k, v, gate, up against the teacher's, its attention and FFN outputs against
@@ -174,7 +174,8 @@ class LowRankBlock(nn.Module):
             # teacher space: the student's attention mixed through the teacher's o_proj, then into d_S
             return value @ self.p("o") if name == "attn_out" and teacher_space else value
 
-        out = decoder_layer(h_s, w, self.student_args, rope[self.teacher.layer_type], self.teacher.window, record)
+        out = decoder_layer(h_s, w, self.student_args, ctx.rope[self.teacher.layer_type], ctx.masks[self.teacher.window],
+                            record)
         terms = self.cfg.clone_terms
         targets = {m: teacher_taps[m] for m in INPUT_SIDE}
         if "attn_out" in terms:
@@ -183,14 +184,14 @@ class LowRankBlock(nn.Module):
             targets["ffn_out"] = teacher_taps["ffn_out"] @ self.p("down")
         return out, {m: masked_mse(taps[m], targets[m], valid) for m in terms}
 
-    def forward(self, h_t: Tensor, h_s: Tensor, rope: dict[str, Rope], valid: Tensor | None = None
+    def forward(self, h_t: Tensor, h_s: Tensor, ctx: Context, valid: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        h_t_next, teacher_taps = self.teacher_forward(h_t, rope)
+        h_t_next, teacher_taps = self.teacher_forward(h_t, ctx)
         if self.activation_checkpointing and torch.is_grad_enabled():
             # Recompute only the student in backward; the teacher's taps are kept, never recomputed.
-            h_s_next, clone = checkpoint(self.student_forward, h_s, teacher_taps, rope, valid, use_reentrant=False)
+            h_s_next, clone = checkpoint(self.student_forward, h_s, teacher_taps, ctx, valid, use_reentrant=False)
         else:
-            h_s_next, clone = self.student_forward(h_s, teacher_taps, rope, valid)
+            h_s_next, clone = self.student_forward(h_s, teacher_taps, ctx, valid)
         return h_t_next, h_s_next, clone
 
 
@@ -213,6 +214,7 @@ class LowRankClone(nn.Module):
         self.eps = args.rms_norm_eps if cfg.rms_norm_eps is None else cfg.rms_norm_eps
         self.student_hf_config()  # a width transformers cannot export fails now, not after training
         self.rotary = teacher.rotary
+        self.document_eos: int | None = None  # set: attention and positions per document (data.document_mask)
         self.teacher_embed = freeze(teacher.model.embed_tokens)
         self.embed_proj = nn.Parameter(torch.empty(d_t, d_s))
         student = self.student_args()
@@ -232,6 +234,11 @@ class LowRankClone(nn.Module):
         self.generation_matmul, self.generation_ranks = matmul, ranks
         for block in self.layers:
             block.generation_matmul = matmul
+
+    def set_document_mask(self, eos_id: int | None) -> None:
+        """Attention and RoPE positions per document of a packed window (documents end with
+        `eos_id`), for teacher and student alike; None: the whole window is one sequence."""
+        self.document_eos = eos_id
 
     def enable_dual_space(self) -> None:
         """Add the DSKD projector (loss.dskd_weight), ideally initialised from the two heads: call
@@ -285,10 +292,10 @@ class LowRankClone(nn.Module):
         h_s = e @ self.embed_proj.to(e.dtype)
         # A scaled embedding (Gemma: sqrt(width)) scales each model by its own width, as its export does.
         h_t, h_s = scaled(e, self.teacher_args), scaled(h_s, self.student_args())
-        rope = self.rotary.tables(input_ids.shape[1], h_s.device, h_s.dtype)
+        ctx = Context.of(self.rotary, self.teacher_args, input_ids, h_s.dtype, self.document_eos)
         clone: dict[str, Tensor] = {}
         for block in self.layers:
-            h_t, h_s, terms = block(h_t, h_s, rope, valid)
+            h_t, h_s, terms = block(h_t, h_s, ctx, valid)
             for name, value in terms.items():
                 clone[name] = clone[name] + value if name in clone else value
         with torch.no_grad():

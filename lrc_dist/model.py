@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,13 +81,15 @@ class Rotary:
                     kw = {"layer_type": layer_type} if per_type else {}
                     self.freqs[layer_type] = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **kw)
 
-    def tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> dict[str, Rope]:
-        """(cos, sin) [T, rotary dim] per layer type."""
-        pos = torch.arange(seq_len, device=device, dtype=torch.float)
+    def tables(self, positions: Tensor, dtype: torch.dtype) -> dict[str, Rope]:
+        """(cos, sin) per layer type for positions [T] ([T, rotary dim]) or [B, T] ([B, 1, T, rotary
+        dim]: per sequence, broadcast over heads)."""
         out = {}
         for layer_type, (inv_freq, scale) in self.freqs.items():
-            freqs = torch.outer(pos, inv_freq.to(device))
+            freqs = positions.float()[..., None] * inv_freq.to(positions.device)
             emb = torch.cat((freqs, freqs), dim=-1)
+            if emb.dim() == 3:
+                emb = emb[:, None]
             out[layer_type] = (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
         return out
 
@@ -100,13 +103,48 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def sliding_window_mask(seq_len: int, window: int | None, device: torch.device) -> Tensor | None:
-    """Boolean keep-mask of a sliding-window layer; None (plain causal) when it cannot bite."""
-    if window is None or seq_len <= window:
+def document_positions(input_ids: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
+    """(document index, position in its document) [B, T] of packed windows whose documents end with
+    `eos_id`: a document starts at the window's first token and after each EOS."""
+    is_eos = input_ids == eos_id
+    docs = is_eos.cumsum(-1) - is_eos.long()  # EOS tokens before each position
+    index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    starts = torch.where(docs != F.pad(docs, (1, 0))[:, :-1], index, 0).cummax(-1).values
+    return docs, index - starts
+
+
+def attention_mask(seq_len: int, window: int | None, docs: Tensor | None, device: torch.device) -> Tensor | None:
+    """Boolean keep-mask [T, T] (or [B, 1, T, T] per sequence's documents) of causal attention within
+    a sliding window and within a document; None when it is plain causal attention."""
+    if docs is None and (window is None or seq_len <= window):
         return None
     i = torch.arange(seq_len, device=device)
     dist = i[:, None] - i[None, :]
-    return (dist >= 0) & (dist < window)
+    keep = (dist >= 0) & (dist < window) if window is not None else dist >= 0
+    if docs is not None:
+        keep = keep & (docs[:, None, :, None] == docs[:, None, None, :])
+    return keep
+
+
+@dataclass
+class Context:
+    """What the layers of one forward share: RoPE tables per layer type and the attention mask per
+    sliding window (None: plain causal). With document masking both follow the packed documents:
+    positions restart after each EOS and no token attends across one."""
+
+    rope: dict[str, Rope]
+    masks: dict[int | None, Tensor | None]
+
+    @classmethod
+    def of(cls, rotary: "Rotary", args: ModelArgs, input_ids: Tensor, dtype: torch.dtype,
+           document_eos: int | None = None) -> "Context":
+        seq_len, device = input_ids.shape[1], input_ids.device
+        if document_eos is None:
+            docs, positions = None, torch.arange(seq_len, device=device)
+        else:
+            docs, positions = document_positions(input_ids, document_eos)
+        windows = dict.fromkeys(args.window(i) for i in range(args.num_layers))
+        return cls(rotary.tables(positions, dtype), {w: attention_mask(seq_len, w, docs, device) for w in windows})
 
 
 def no_tap(name: str, value: Tensor) -> Tensor:
@@ -119,7 +157,7 @@ def activation(name: str) -> nn.Module:
     return ACT2FN[name]
 
 
-def attention(x: Tensor, w: Weights, args: ModelArgs, rope: Rope, window: int | None, tap: Tap) -> Tensor:
+def attention(x: Tensor, w: Weights, args: ModelArgs, rope: Rope, mask: Tensor | None, tap: Tap) -> Tensor:
     """Causal self-attention up to (not including) o_proj: [B, T, d] -> [B, T, heads * head_dim].
     The q/k/v taps see the projections before q/k-norm and RoPE."""
     B, T, _ = x.shape
@@ -131,18 +169,18 @@ def attention(x: Tensor, w: Weights, args: ModelArgs, rope: Rope, window: int | 
     cos, sin = rope
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    mask = sliding_window_mask(T, window, x.device)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=args.attn_scale,
                                          enable_gqa=args.num_kv_heads != args.num_heads)
     return out.transpose(1, 2).reshape(B, T, args.num_heads * args.head_dim)
 
 
-def decoder_layer(x: Tensor, w: Weights, args: ModelArgs, rope: Rope, window: int | None,
+def decoder_layer(x: Tensor, w: Weights, args: ModelArgs, rope: Rope, mask: Tensor | None,
                   tap: Tap = no_tap) -> Tensor:
     """One decoder layer of any family: pre-norm attention and gated MLP, each with its optional
     post-norm (Gemma). `tap` sees q, k, v, gate, up (before their activation), attn_out (after o)
-    and ffn_out (after down), both before a post-norm."""
-    attn_out = tap("attn_out", F.linear(attention(rms_norm(x, w["attn_norm"], args), w, args, rope, window, tap),
+    and ffn_out (after down), both before a post-norm. `mask`: the keep-mask of the layer's
+    attention (`Context.masks`), None for plain causal attention."""
+    attn_out = tap("attn_out", F.linear(attention(rms_norm(x, w["attn_norm"], args), w, args, rope, mask, tap),
                                         w["o"]))
     if "attn_post_norm" in w:
         attn_out = rms_norm(attn_out, w["attn_post_norm"], args)
@@ -188,8 +226,8 @@ class DecoderLayer(nn.Module):
     def weights(self) -> Weights:
         return split_layer(self.args, {hf: get_parameter(self, hf) for hf in hf_layer_shapes(self.args)})
 
-    def forward(self, x: Tensor, rope: dict[str, Rope], tap: Tap = no_tap) -> Tensor:
-        return decoder_layer(x, self.weights(), self.args, rope[self.layer_type], self.window, tap)
+    def forward(self, x: Tensor, ctx: Context, tap: Tap = no_tap) -> Tensor:
+        return decoder_layer(x, self.weights(), self.args, ctx.rope[self.layer_type], ctx.masks[self.window], tap)
 
 
 class DecoderModel(nn.Module):
@@ -208,6 +246,7 @@ class CausalLM(nn.Module):
         self.args = args
         self.hf_config = hf_config
         self.rotary = Rotary(hf_config, args)
+        self.document_eos: int | None = None  # set: attention and positions per document (data.document_mask)
         self.model = DecoderModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -225,10 +264,10 @@ class CausalLM(nn.Module):
         """Final-normed hidden states [B, T, d]; `checkpoint_layers` recomputes each layer in
         backward instead of keeping its activations (only when autograd records)."""
         h = self.embed(input_ids)
-        rope = self.rotary.tables(input_ids.shape[1], h.device, h.dtype)
+        ctx = Context.of(self.rotary, self.args, input_ids, h.dtype, self.document_eos)
         recompute = checkpoint_layers and torch.is_grad_enabled()
         for layer in self.model.layers:
-            h = checkpoint(layer, h, rope, use_reentrant=False) if recompute else layer(h, rope)
+            h = checkpoint(layer, h, ctx, use_reentrant=False) if recompute else layer(h, ctx)
         return self.model.norm(h)
 
     def forward(self, input_ids: Tensor) -> Tensor:

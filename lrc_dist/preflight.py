@@ -51,6 +51,9 @@ def problems(cfg: TrainConfig, world_size: int) -> list[str]:
                      f"generates none: set it to false")
     if cfg.model.method == "lm" and cfg.loss.dskd_weight:
         found.append("loss.dskd_weight needs a teacher; model.method=lm has none: set it to 0 or use kd/lrc")
+    if cfg.data.document_mask and cfg.model.cross_tokenizer():
+        found.append("data.document_mask is not supported across tokenizers yet (the teacher reads a re-tokenized "
+                     "window): set it to false")
     return found
 
 
