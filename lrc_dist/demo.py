@@ -1,6 +1,6 @@
 """The whole job end to end on a CPU, from nothing but this repository and Python's standard library.
 
-    python -m lrc_dist.demo [--out runs/demo] [--preset default|quick]
+    python -m lrc_dist.demo [--out runs/demo] [--preset default|quick] [--dskd] [--beyond]
 
 1. corpus: English prose from Python's own documentation (pydoc_data topics) and the docstrings
    of the standard library, split by document into train and held-out sets.
@@ -8,7 +8,8 @@
 3. teacher: no pretrained weights can be had offline, so a small Llama-family model is
    pre-trained on the corpus first (`model.method: lm`).
 4. students at d_S = teacher width / 2, same token budget each: LRC, LRC without the clone loss
-   (alpha = 0), and plain logit KD into a randomly initialised student of the same shape.
+   (alpha = 0), and plain logit KD into a randomly initialised student of the same shape;
+   --dskd and --beyond add more (DSKD; document masking and the projection inits).
 5. HF export of each, then evaluation with transformers: held-out perplexity and the shipped
    multiple-choice task (assets/tasks/pydoc_cloze.jsonl, cut from held-out documents).
 6. summary.md (the comparison table), results.json, and losses.png (every loss term, per run).
@@ -63,6 +64,10 @@ DSKD = {"loss.dskd_weight": 0.5, "loss.kl_weight": 0.0, "loss.lm_weight": 0.5}
 DSKD_STUDENTS = {
     "lrc_dskd": ("LRC, DSKD instead of KL", DSKD),
     "kd_dskd": ("DSKD, random init", {"model.method": "kd", **DSKD}),
+}
+# --beyond: the options beyond the paper's LRC (issue 14), each at the paper's LRC token budget.
+BEYOND_STUDENTS = {
+    "lrc_docmask": ("LRC, document masking", {"data.document_mask": True}),
 }
 
 
@@ -166,9 +171,11 @@ def run_training(run_dir: Path, p: dict, steps: int, lr: float, overrides: dict)
 # ---- the pipeline --------------------------------------------------------------------------------
 
 
-def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dskd: bool = False) -> dict:
+def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dskd: bool = False,
+         beyond: bool = False) -> dict:
     """Run the whole pipeline into OUT; prints and writes the comparison (summary.md, losses.png).
-    With `dskd`, two more students: LRC and a random-init student trained by DSKD instead of KL."""
+    With `dskd`, two more students: LRC and a random-init student trained by DSKD instead of KL;
+    with `beyond`, the LRC students of BEYOND_STUDENTS. Finished stages are reused."""
     if preset not in PRESETS:
         raise ValueError(f"--preset {preset!r}; choose from {', '.join(PRESETS)}.")
     p, root, start = PRESETS[preset], Path(out), time.perf_counter()
@@ -205,7 +212,7 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
 
     print("== 3/5 students: same token budget each", flush=True)
     exports = {"teacher": teacher}
-    students = {**STUDENTS, **(DSKD_STUDENTS if dskd else {})}
+    students = {**STUDENTS, **(DSKD_STUDENTS if dskd else {}), **(BEYOND_STUDENTS if beyond else {})}
     for name, (label, overrides) in students.items():
         print(f"-- {label}", flush=True)
         exports[name] = run_training(root / name, p, p["student_steps"], p["student_lr"], {
@@ -287,10 +294,12 @@ def plot_losses(runs: dict[str, Path], out: Path) -> None:
     plt.close(fig)
 
 
-def cli(out: str = "runs/demo", preset: str = "default", plot: bool = True, dskd: bool = False) -> None:
+def cli(out: str = "runs/demo", preset: str = "default", plot: bool = True, dskd: bool = False,
+        beyond: bool = False) -> None:
     """Run the whole pipeline into OUT; prints and writes the comparison (summary.md, losses.png).
-    --dskd adds LRC and a random-init student trained by DSKD instead of KL."""
-    main(out, preset, plot, dskd)
+    --dskd adds LRC and a random-init student trained by DSKD instead of KL; --beyond adds the LRC
+    options beyond the paper (document masking, projection inits), at the same token budget."""
+    main(out, preset, plot, dskd, beyond)
 
 
 def run() -> None:
