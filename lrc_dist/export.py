@@ -29,11 +29,11 @@ import fire
 import torch
 from huggingface_hub import save_torch_state_dict
 
-from lrc_dist.build import DistillationModel, build_model, dtype_of
+from lrc_dist.build import build_model, dtype_of
 from lrc_dist.checkpoint import LATEST, TRAIN_STATE, Checkpointer, CheckpointDamaged, damage, read_train_state
 from lrc_dist.config import TrainConfig, config_of
-from lrc_dist.kd import KnowledgeDistillation
-from lrc_dist.lrc import LRC_CONFIG_FILE, LowRankClone, check_teacher, load_lrc, read_lrc_meta, save_lrc
+from lrc_dist.interface import DistillationModel
+from lrc_dist.lrc import LRC_CONFIG_FILE, check_teacher, load_lrc, read_lrc_meta
 from lrc_dist.model import CheckpointError
 
 # Files that make up a tokenizer (and generation defaults) in an HF checkpoint directory.
@@ -45,7 +45,7 @@ TOKENIZER_FILES = (
 
 
 def export_student(
-    model: LowRankClone | KnowledgeDistillation,
+    model: DistillationModel,
     out_dir: str | Path,
     tokenizer_dir: str | Path | None = None,
     dtype: torch.dtype | None = None,
@@ -150,12 +150,12 @@ def load_trained(model: DistillationModel, tensors: dict[str, torch.Tensor]) -> 
 
 
 def export_run(cfg: TrainConfig, tensors: dict[str, torch.Tensor], out: Path, summary: dict) -> Path:
-    """A run's periodic/final export: `out/hf` (the HF student) and, for LRC, `out/lrc` (its
-    trainable state, what `save_lrc` writes), in the run's dtype; atomic."""
+    """A run's periodic/final export: `out/hf` (the HF student) and the method's extras (LRC:
+    `out/lrc`, its trainable state, what `save_lrc` writes), in the run's dtype; atomic."""
     model = load_trained(build_model(cfg, dtype=torch.float32), tensors)
     with atomic_dir(out) as tmp:
-        if isinstance(model, LowRankClone):
-            save_lrc(model, tmp / "lrc", cfg.model.teacher)
+        for _, write in model.export_extras():  # the model is whole here: nothing to gather
+            write(tmp, cfg.model.teacher)
         save_student(model, tmp / "hf", cfg.model.tokenizer_dir(), cfg.model.teacher, summary,
                      dtype_of(cfg.model.dtype))
     return out

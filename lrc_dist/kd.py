@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
+from lrc_dist.interface import ExtraPart
 from lrc_dist.losses import IGNORE_INDEX, LossConfig, head_losses, logit_losses
 from lrc_dist.metrics import kd_flops_per_token
 from lrc_dist.model import CausalLM, DecoderLayer, ModelArgs, load_config, resized_config
@@ -193,3 +194,7 @@ class KnowledgeDistillation(nn.Module):
     @torch.no_grad()
     def student_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().contiguous() for k, v in self.student.state_dict().items()}
+
+    def export_extras(self) -> list[ExtraPart]:
+        """A KD export is the HF student alone."""
+        return []

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
+from lrc_dist.interface import ExtraPart
 from lrc_dist.losses import IGNORE_INDEX, LossConfig, LRCOutput, lrc_loss
 from lrc_dist.metrics import lrc_flops_per_token
 from lrc_dist.model import (
@@ -328,6 +329,10 @@ class LowRankClone(nn.Module):
             sd["lm_head.weight"] = self.student_head_weight()
         dtype = self.teacher_embed.weight.dtype
         return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+
+    def export_extras(self) -> list[ExtraPart]:
+        """An LRC export also holds the trainable state (`save_lrc`, in `lrc/` of the export dir)."""
+        return [(list(self.trainable_state_dict()), lambda out, teacher: save_lrc(self, out / "lrc", teacher))]
 
 
 # ---- the trainable state on disk (what export reads) ---------------------------------------------

@@ -1,7 +1,6 @@
 """Distributed backends: FSDP2 (`fully_shard`), DeepSpeed ZeRO, or one plain process.
 
-Each backend wraps a distillation model (`LowRankClone`, or the `KnowledgeDistillation` baseline)
-behind one small interface the trainer uses: call the model, `backward` (or `skip_micro` for a
+Each backend wraps a distillation model (`interface.DistillationModel`) behind one small interface the trainer uses: call the model, `backward` (or `skip_micro` for a
 non-finite loss), `step` (clip + optimizer) or `skip_step`, `set_lr`, checkpoint `save`/`load`,
 and `full_trainable_state` for exports. The model names its units of sharding (`shard_units`: for
 LRC the `LowRankBlock`, i.e. frozen teacher layer + its projections + student norms), the modules
@@ -28,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from lrc_dist.build import DistillationModel, dtype_of
+from lrc_dist.build import dtype_of
 from lrc_dist.config import TrainConfig
+from lrc_dist.interface import DistillationModel
 from lrc_dist.resources import shipped
 
 

@@ -34,6 +34,7 @@ from lrc_dist.cluster import EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEM
 from lrc_dist.config import ConfigError, TrainConfig, parse_args, resume_changes, to_dict
 from lrc_dist.data import DistributedBatches, PackedMixture, TokenSet
 from lrc_dist.export import export_run
+from lrc_dist.interface import DistillationModel
 from lrc_dist.lrc import check_teacher
 from lrc_dist.metrics import (AgreementWatch, MetricsLogger, add_to_interval, human, interval_means, memory_gb,
                               new_interval, peak_flops)
@@ -150,7 +151,7 @@ def export_to(path: Path, backend, cfg: TrainConfig, info: DistInfo, state: dict
     dist.barrier()
 
 
-def startup_summary(cfg: TrainConfig, model, backend, info: DistInfo, grad_accum: int, step: int) -> str:
+def startup_summary(cfg: TrainConfig, model: DistillationModel, backend, info: DistInfo, grad_accum: int, step: int) -> str:
     """What this run is, in a few lines, before its first step."""
     params = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: partitioned
     trainable, frozen = sum(n for n, t in params if t), sum(n for n, t in params if not t)
