@@ -9,7 +9,7 @@ these members the callers use only what every `nn.Module` has: calling it (`forw
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 # x @ p: torch.matmul, or parallel.sharded_matmul, which shares the rows out between ranks.
 Matmul = Callable[[Tensor, Tensor], Tensor]
 
-# What an export writes beside the HF student: the names (as in `named_parameters`) of the
-# parameters a writer reads, and the writer (export dir, teacher dir).
+# One part of an export: the names (as in `named_parameters`) of the parameters it reads, and a
+# function of the model's current parameters. The export gathers the named ones at their full
+# value first, so that a sharded model is materialised one part at a time.
+StudentPart = tuple[list[str], Callable[[], dict[str, Tensor]]]
 ExtraPart = tuple[list[str], Callable[[Path, str], None]]
 
 
@@ -73,8 +75,9 @@ class DistillationModel(Protocol):
     def student_hf_config(self) -> PretrainedConfig:
         """The Hugging Face config of the exported student."""
 
-    def student_state_dict(self) -> dict[str, Tensor]:
-        """The student's Hugging Face tensors, materialised at once."""
+    def student_parts(self) -> Iterator[StudentPart]:
+        """The student's Hugging Face tensors part by part (a layer, the embedding, the head), in
+        the order an export writes them."""
 
     def export_extras(self) -> list[ExtraPart]:
         """What an export writes beside the HF student: (parameters, a writer taking the export

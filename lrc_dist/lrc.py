@@ -9,7 +9,9 @@ that FSDP/ZeRO shard and checkpoint; this file knows nothing of distribution.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -23,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
-from lrc_dist.interface import ExtraPart
+from lrc_dist.interface import ExtraPart, StudentPart
 from lrc_dist.losses import IGNORE_INDEX, LossConfig, LRCOutput, lrc_loss
 from lrc_dist.metrics import lrc_flops_per_token
 from lrc_dist.model import (
@@ -329,6 +331,35 @@ class LowRankClone(nn.Module):
             sd["lm_head.weight"] = self.student_head_weight()
         dtype = self.teacher_embed.weight.dtype
         return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+
+    # ---- export part by part (interface.DistillationModel) ----------------------------------------
+
+    def student_parts(self) -> Iterator[StudentPart]:
+        """`student_state_dict`, in its order, as parts an export can gather one at a time: the
+        embedding with the final norm, each block, the head. Tensors in the parameters' dtype."""
+
+        def embedding() -> dict[str, Tensor]:
+            w = self.teacher_embed.weight
+            return {"model.embed_tokens.weight": w @ self.embed_proj.to(w.dtype), "model.norm.weight": self.norm.weight}
+
+        def layer(i: int) -> dict[str, Tensor]:
+            w, pre, sd = self.layers[i].student_weights(), f"model.layers.{i}.", {}
+            for m, hf in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+                sd[f"{pre}self_attn.{hf}.weight"] = getattr(w, m)
+                if getattr(w, f"{m}_bias", None) is not None:
+                    sd[f"{pre}self_attn.{hf}.bias"] = getattr(w, f"{m}_bias")
+            if w.q_norm is not None:
+                sd[f"{pre}self_attn.q_norm.weight"], sd[f"{pre}self_attn.k_norm.weight"] = w.q_norm, w.k_norm
+            for m in ("gate", "up", "down"):
+                sd[f"{pre}mlp.{m}_proj.weight"] = getattr(w, m)
+            sd[f"{pre}input_layernorm.weight"], sd[f"{pre}post_attention_layernorm.weight"] = w.attn_norm, w.mlp_norm
+            return sd
+
+        yield ["teacher_embed.weight", "embed_proj", "norm.weight"], embedding
+        for i, block in enumerate(self.layers):
+            yield [n for n, _ in block.named_parameters(prefix=f"layers.{i}")], functools.partial(layer, i)
+        if not self.teacher_args.tie_word_embeddings:
+            yield ["teacher_lm_head.weight", "lm_head_proj"], lambda: {"lm_head.weight": self.student_head_weight()}
 
     def export_extras(self) -> list[ExtraPart]:
         """An LRC export also holds the trainable state (`save_lrc`, in `lrc/` of the export dir)."""

@@ -45,7 +45,7 @@ def accepts(impl: inspect.Signature, spec: inspect.Signature) -> bool:
 
 @pytest.mark.parametrize("cls", [LowRankClone, KnowledgeDistillation])
 def test_both_model_classes_provide_the_interface(cls, models):
-    assert {"vocab_size", "forward", "export_extras", "leaf_module_classes"} <= set(MEMBERS)
+    assert {"vocab_size", "forward", "student_parts", "export_extras", "leaf_module_classes"} <= set(MEMBERS)
     for name in MEMBERS:
         spec = inspect.getattr_static(DistillationModel, name, None)
         ours = inspect.getattr_static(cls, name, None)
