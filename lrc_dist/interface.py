@@ -23,8 +23,10 @@ if TYPE_CHECKING:
 Matmul = Callable[[Tensor, Tensor], Tensor]
 
 # One part of an export: the names (as in `named_parameters`) of the parameters it reads, and a
-# function of the model's current parameters. The export gathers the named ones at their full
-# value first, so that a sharded model is materialised one part at a time.
+# function of the model's current parameters: one returning the part's Hugging Face tensors
+# (StudentPart), or one writing method-specific files into the export dir, given the teacher dir
+# (ExtraPart). The export gathers the named parameters at their full value first, so that a
+# sharded model is materialised one part at a time.
 StudentPart = tuple[list[str], Callable[[], dict[str, Tensor]]]
 ExtraPart = tuple[list[str], Callable[[Path, str], None]]
 
