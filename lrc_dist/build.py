@@ -1,5 +1,6 @@
 """From a training config to the distillation model it trains (`model.method`): the trainer, the
-export of a checkpoint and the tests all build it here, identically on every rank."""
+export of a checkpoint and the tests all build it here, identically on every rank. The trainer, the
+backends and the export see what this returns only as an `interface.DistillationModel`."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ from lrc_dist.align import vocab_overlap
 from lrc_dist.config import TrainConfig
 from lrc_dist.dskd import projector_lr_scale
 from lrc_dist.indexed_dataset import Manifest
+from lrc_dist.interface import DistillationModel
 from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
 from lrc_dist.lrc import LowRankClone
 from lrc_dist.model import CausalLM
-
-DistillationModel = LowRankClone | KnowledgeDistillation
 
 
 def dtype_of(name: str) -> torch.dtype:

@@ -8,33 +8,39 @@ SOURCE is any of:
   one process, without torchrun;
 - an `lrc` directory written by `lrc_dist.lrc.save_lrc` (e.g. `RUN_DIR/export_N/lrc`).
 
-The student is materialised once (LRC: W_T @ P etc.) and saved in the teacher's architecture with
-hidden_size = d_S, an explicit head_dim (it no longer equals hidden_size / heads), the student's
-rms_norm_eps and tie flag, the tokenizer files and a model card (README.md), so that
-`AutoModelForCausalLM.from_pretrained(OUT_DIR)` just works. OUT_DIR appears complete or not at all:
+The student is materialised a part at a time (a layer, the embedding, the head; LRC: W_T @ P etc.,
+in fp32) and saved in the teacher's architecture with hidden_size = d_S, an explicit head_dim (it no
+longer equals hidden_size / heads), the student's rms_norm_eps and tie flag, the tokenizer files and
+a model card (README.md), so that `AutoModelForCausalLM.from_pretrained(OUT_DIR)` just works. The
+trainer's exports (`export_run`) materialise the model it holds, gathering one part at a time from
+its backend, instead of building it again from disk. OUT_DIR appears complete or not at all:
 it is written beside itself and renamed into place, with the umask's usual modes (0644 files).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import fire
 import torch
 from huggingface_hub import save_torch_state_dict
+from torch import Tensor, nn
+from transformers import PretrainedConfig
 
-from lrc_dist.build import DistillationModel, build_model, dtype_of
+from lrc_dist.build import build_model, dtype_of
 from lrc_dist.checkpoint import LATEST, TRAIN_STATE, Checkpointer, CheckpointDamaged, damage, read_train_state
 from lrc_dist.config import TrainConfig, config_of
-from lrc_dist.kd import KnowledgeDistillation
-from lrc_dist.lrc import LRC_CONFIG_FILE, LowRankClone, check_teacher, load_lrc, read_lrc_meta, save_lrc
+from lrc_dist.interface import DistillationModel
+from lrc_dist.lrc import LRC_CONFIG_FILE, check_teacher, load_lrc, read_lrc_meta
 from lrc_dist.model import CheckpointError
+from lrc_dist.parallel import full_tensors
 
 # Files that make up a tokenizer (and generation defaults) in an HF checkpoint directory.
 TOKENIZER_FILES = (
@@ -43,30 +49,64 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
+# `backend.gathered` or `parallel.full_tensors` of a model: {name: full value} of some parameters.
+Gather = Callable[[list[str]], contextlib.AbstractContextManager[dict[str, Tensor]]]
 
-def export_student(
-    model: LowRankClone | KnowledgeDistillation,
-    out_dir: str | Path,
-    tokenizer_dir: str | Path | None = None,
-    dtype: torch.dtype | None = None,
-    max_shard_size: str = "5GB",
-) -> Path:
-    """Write the student of `model` (LRC: materialised once) to `out_dir` as a standard HF
-    checkpoint, with the tokenizer files found in `tokenizer_dir`; returns the path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = model.student_hf_config()
-    state = model.student_state_dict()
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    config.dtype = next(iter(state.values())).dtype
-    config.save_pretrained(out)
-    save_torch_state_dict(state, out, max_shard_size=max_shard_size)
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy2(Path(tokenizer_dir) / name, out / name)
-    return out
+
+# ---- materialising the student, one part at a time ------------------------------------------------
+
+
+@contextlib.contextmanager
+def replaced_parameters(model: nn.Module, values: dict[str, Tensor]) -> Iterator[None]:
+    """Within the block, the parameters of `model` named in `values` hold these values, in fp32
+    (an export's parts read them like any parameter); the module's own parameter objects (FSDP2's
+    DTensor shards, ZeRO-3's partitions) are put back afterwards, untouched."""
+    owners = [(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in values]
+    saved = [getattr(m, attr) for m, attr in owners]
+    try:
+        for (m, attr), p, t in zip(owners, saved, values.values()):
+            setattr(m, attr, nn.Parameter(t.float(), requires_grad=p.requires_grad))  # trainable stays so
+        yield
+    finally:
+        for (m, attr), p in zip(owners, saved):
+            setattr(m, attr, p)
+
+
+@contextlib.contextmanager
+def full_parameters(model: nn.Module, gathered: Gather, names: list[str], is_main: bool) -> Iterator[None]:
+    """`replaced_parameters` by the full values of the parameters `names` on the main rank. Every
+    rank enters: the gather is collective."""
+    with gathered(names) as full, replaced_parameters(model, full if is_main else {}):
+        yield
+
+
+def gathered_to_cpu(gathered: Gather, names: list[str], is_main: bool) -> dict[str, Tensor]:
+    """{name: full value, on CPU} of the parameters `names` on the main rank ({} elsewhere),
+    gathered one at a time (collective)."""
+    values = {}
+    for name in names:
+        with gathered([name]) as full:
+            if is_main:
+                values[name] = full[name].to("cpu", copy=True)  # ZeRO-3 frees the gathered storage
+    return values
+
+
+def student_tensors(model: DistillationModel, gathered: Gather, dtype: torch.dtype, is_main: bool = True
+                    ) -> dict[str, Tensor]:
+    """The student's Hugging Face tensors, on CPU in `dtype`, computed in fp32 part by part
+    (`student_parts`): at most one part's parameters are gathered at a time. Collective when
+    `gathered` is; only on the main rank are they computed ({} elsewhere)."""
+    state: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for names, part in model.student_parts():
+            with full_parameters(model, gathered, names, is_main):
+                if is_main:  # tensors of their own: safetensors refuses views (ZeRO-1/2 keeps flat buffers)
+                    state.update({k: v.to("cpu", dtype, copy=True, memory_format=torch.contiguous_format)
+                                  for k, v in part().items()})
+    return state
+
+
+# ---- writing an export ------------------------------------------------------------------------------
 
 
 def _umask() -> int:
@@ -106,11 +146,10 @@ def atomic_dir(final: Path, overwrite: bool = True) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def model_card(model: DistillationModel, teacher: str, summary: dict) -> str:
+def model_card(config: PretrainedConfig, state: dict[str, Tensor], teacher: str, summary: dict) -> str:
     """README.md of an export: what was distilled from what, how far, and the last loss terms."""
     method = summary.get("method", "lrc")
-    config = model.student_hf_config()
-    params = sum(t.numel() for t in model.student_state_dict().values())
+    params = sum(t.numel() for t in state.values())
     rows = [("method", {"lrc": "Low-Rank Clone (LRC)", "kd": "logit knowledge distillation",
                         "lm": "language modelling (no teacher)"}.get(method, method)),
             ("teacher", f"`{teacher}`" if teacher else "none"),
@@ -133,11 +172,32 @@ def model_card(model: DistillationModel, teacher: str, summary: dict) -> str:
             f"`AutoModelForCausalLM.from_pretrained(\"<this directory>\")`.\n\n| | |\n|---|---|\n{table}\n{last}")
 
 
-def save_student(model: DistillationModel, out: Path, tokenizer_dir: str | None, teacher: str, summary: dict,
-                 dtype: torch.dtype | None = None, max_shard_size: str = "5GB") -> None:
-    """The HF student with its tokenizer files and model card in `out`."""
-    export_student(model, out, tokenizer_dir, dtype, max_shard_size)
-    (out / "README.md").write_text(model_card(model, teacher, summary))
+def save_student(state: dict[str, Tensor], config: PretrainedConfig, out: Path, tokenizer_dir: str | Path | None,
+                 max_shard_size: str = "5GB", card: str | None = None) -> Path:
+    """A standard HF checkpoint in `out`: `config`, the weights `state`, the tokenizer files found
+    in `tokenizer_dir` and, when given, the model card."""
+    out.mkdir(parents=True, exist_ok=True)
+    config.dtype = next(iter(state.values())).dtype
+    config.save_pretrained(out)
+    save_torch_state_dict(state, out, max_shard_size=max_shard_size)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, out / name)
+    if card is not None:
+        (out / "README.md").write_text(card)
+    return out
+
+
+def export_student(model: DistillationModel, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                   dtype: torch.dtype = torch.float32, max_shard_size: str = "5GB", teacher: str | None = None,
+                   summary: dict | None = None) -> Path:
+    """The student of `model`, held whole by this one process, as a standard HF checkpoint in
+    `out_dir`; with a model card when `summary` (and the teacher dir) are given. Returns the path."""
+    state = student_tensors(model, functools.partial(full_tensors, model), dtype)
+    config = model.student_hf_config()
+    card = model_card(config, state, teacher or "", summary) if summary is not None else None
+    return save_student(state, config, Path(out_dir), tokenizer_dir, max_shard_size, card)
 
 
 def load_trained(model: DistillationModel, tensors: dict[str, torch.Tensor]) -> DistillationModel:
@@ -149,15 +209,22 @@ def load_trained(model: DistillationModel, tensors: dict[str, torch.Tensor]) -> 
     return model
 
 
-def export_run(cfg: TrainConfig, tensors: dict[str, torch.Tensor], out: Path, summary: dict) -> Path:
-    """A run's periodic/final export: `out/hf` (the HF student) and, for LRC, `out/lrc` (its
-    trainable state, what `save_lrc` writes), in the run's dtype; atomic."""
-    model = load_trained(build_model(cfg, dtype=torch.float32), tensors)
-    with atomic_dir(out) as tmp:
-        if isinstance(model, LowRankClone):
-            save_lrc(model, tmp / "lrc", cfg.model.teacher)
-        save_student(model, tmp / "hf", cfg.model.tokenizer_dir(), cfg.model.teacher, summary,
-                     dtype_of(cfg.model.dtype))
+def export_run(model: DistillationModel, backend, cfg: TrainConfig, out: Path, summary: dict) -> Path:
+    """A run's periodic/final export from the model being trained (no teacher read from disk):
+    `out/hf`, the HF student in the run's dtype with its model card, and the method's extras
+    (LRC: `out/lrc`, its trainable state); atomic. Collective: every rank takes part in the
+    gathers, one part of the model at a time; the main rank computes and writes."""
+    is_main = backend.info.is_main
+    with (atomic_dir(out) if is_main else contextlib.nullcontext()) as tmp:
+        for names, write in model.export_extras():  # on CPU: LRC's trainable state is large (7B -> 2048: 6 GB)
+            with replaced_parameters(model, gathered_to_cpu(backend.gathered, names, is_main)):
+                if is_main:
+                    write(tmp, cfg.model.teacher)
+        state = student_tensors(model, backend.gathered, dtype_of(cfg.model.dtype), is_main)
+        if is_main:
+            config = model.student_hf_config()
+            save_student(state, config, tmp / "hf", cfg.model.tokenizer_dir(),
+                         card=model_card(config, state, cfg.model.teacher, summary))
     return out
 
 
@@ -210,7 +277,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, teacher: str | No
     summary = {"method": cfg.model.method, "step": state["step"], "steps": cfg.steps, "source": str(path.resolve()),
                "tokens": state["consumed_samples"] * cfg.data.seq_len, "metrics": state.get("metrics")}
     with atomic_dir(Path(out_dir), overwrite) as tmp:
-        save_student(model, tmp, cfg.model.tokenizer_dir(), cfg.model.teacher, summary, dtype_of(dtype), max_shard_size)
+        export_student(model, tmp, cfg.model.tokenizer_dir(), dtype_of(dtype), max_shard_size, cfg.model.teacher, summary)
     return Path(out_dir)
 
 
@@ -224,7 +291,7 @@ def main(source: str, out_dir: str, teacher: str | None = None, dtype: str = "bf
         teacher_dir = teacher or read_lrc_meta(src)["teacher"]
         model = load_lrc(src, teacher_path=teacher_dir)
         with atomic_dir(Path(out_dir), overwrite) as tmp:
-            save_student(model, tmp, teacher_dir, teacher_dir, {"source": str(src.resolve())}, torch_dtype, max_shard_size)
+            export_student(model, tmp, teacher_dir, torch_dtype, max_shard_size, teacher_dir, {"source": str(src.resolve())})
     else:
         export_checkpoint(src, out_dir, teacher, dtype, max_shard_size, overwrite)
     print(f"exported the student to {out_dir}")

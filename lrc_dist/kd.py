@@ -17,6 +17,7 @@ restricted to the tokens the vocabularies share. They are means over the aligned
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
+from lrc_dist.interface import ExtraPart, StudentPart
 from lrc_dist.losses import IGNORE_INDEX, LossConfig, head_losses, logit_losses
 from lrc_dist.metrics import kd_flops_per_token
 from lrc_dist.families import ModelArgs
@@ -203,3 +205,25 @@ class KnowledgeDistillation(nn.Module):
     @torch.no_grad()
     def student_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().contiguous() for k, v in self.student.state_dict().items()}
+
+    # ---- export part by part (interface.DistillationModel) ----------------------------------------
+
+    def student_parts(self) -> Iterator[StudentPart]:
+        """`student_state_dict`, in its order, as parts an export can gather one at a time: the
+        embedding, each layer, the final norm with the head. The teacher is no part of it."""
+
+        def part(*modules: tuple[str, nn.Module]) -> StudentPart:
+            def tensors() -> dict[str, Tensor]:
+                return {n: p for prefix, m in modules for n, p in m.named_parameters(prefix=prefix)}
+
+            return [f"student.{n}" for n in tensors()], tensors
+
+        s = self.student
+        yield part(("model.embed_tokens", s.model.embed_tokens))
+        for i, layer in enumerate(s.model.layers):
+            yield part((f"model.layers.{i}", layer))
+        yield part(("model.norm", s.model.norm), *([] if s.args.tie_word_embeddings else [("lm_head", s.lm_head)]))
+
+    def export_extras(self) -> list[ExtraPart]:
+        """A KD export is the HF student alone."""
+        return []

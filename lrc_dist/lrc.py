@@ -9,10 +9,12 @@ that FSDP/ZeRO shard and checkpoint; this file knows nothing of distribution.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +25,7 @@ from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
 from lrc_dist.families import LAYER_NORMS, ModelArgs, fuse_layer
+from lrc_dist.interface import ExtraPart, Matmul, StudentPart
 from lrc_dist.losses import IGNORE_INDEX, LossConfig, logit_losses
 from lrc_dist.metrics import lrc_flops_per_token
 from lrc_dist.model import (
@@ -99,10 +102,6 @@ def masked_mse(a: Tensor, b: Tensor, valid: Tensor | None) -> Tensor:
 def freeze(module: nn.Module) -> nn.Module:
     return module.requires_grad_(False)
 
-
-# Computes x @ p: torch.matmul, or a version that shares the rows out between ranks
-# (parallel.sharded_matmul, set by `LowRankClone.set_generation_matmul`).
-Matmul = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -340,16 +339,32 @@ class LowRankClone(nn.Module):
 
     @torch.no_grad()
     def student_state_dict(self) -> dict[str, Tensor]:
-        """Materialise the student once, under Hugging Face names (families.fuse_layer)."""
-        sd = {"model.embed_tokens.weight": self.teacher_embed.weight @ self.embed_proj.to(self.teacher_embed.weight.dtype),
-              "model.norm.weight": self.norm.weight}
-        student = self.student_args()
-        for i, block in enumerate(self.layers):
-            sd.update({f"model.layers.{i}.{hf}": t for hf, t in fuse_layer(student, block.student_weights()).items()})
-        if not self.teacher_args.tie_word_embeddings:
-            sd["lm_head.weight"] = self.student_head_weight()
+        """Materialise the student once, under Hugging Face names: all of `student_parts`."""
         dtype = self.teacher_embed.weight.dtype
-        return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+        return {k: v.detach().to(dtype).contiguous() for _, tensors in self.student_parts() for k, v in tensors().items()}
+
+    def student_parts(self) -> Iterator[StudentPart]:
+        """`student_state_dict`, in its order, as parts an export can gather one at a time: the
+        embedding with the final norm, each block (families.fuse_layer names its tensors), the head.
+        Tensors in the parameters' dtype."""
+        student = self.student_args()
+
+        def embedding() -> dict[str, Tensor]:
+            w = self.teacher_embed.weight
+            return {"model.embed_tokens.weight": w @ self.embed_proj.to(w.dtype), "model.norm.weight": self.norm.weight}
+
+        def layer(i: int) -> dict[str, Tensor]:
+            return {f"model.layers.{i}.{hf}": t for hf, t in fuse_layer(student, self.layers[i].student_weights()).items()}
+
+        yield ["teacher_embed.weight", "embed_proj", "norm.weight"], embedding
+        for i, block in enumerate(self.layers):
+            yield [n for n, _ in block.named_parameters(prefix=f"layers.{i}")], functools.partial(layer, i)
+        if not self.teacher_args.tie_word_embeddings:
+            yield ["teacher_lm_head.weight", "lm_head_proj"], lambda: {"lm_head.weight": self.student_head_weight()}
+
+    def export_extras(self) -> list[ExtraPart]:
+        """An LRC export also holds the trainable state (`save_lrc`, in `lrc/` of the export dir)."""
+        return [(list(self.trainable_state_dict()), lambda out, teacher: save_lrc(self, out / "lrc", teacher))]
 
 
 def scaled(h: Tensor, args: ModelArgs) -> Tensor:

@@ -1,22 +1,24 @@
 """Distributed backends: FSDP2 (`fully_shard`), DeepSpeed ZeRO, or one plain process.
 
-Each backend wraps a distillation model (`LowRankClone`, or the `KnowledgeDistillation` baseline)
-behind one small interface the trainer uses: call the model, `backward` (or `skip_micro` for a
-non-finite loss), `step` (clip + optimizer) or `skip_step`, `set_lr`, checkpoint `save`/`load`,
-and `full_trainable_state` for exports. The model names its units of sharding (`shard_units`: for
-LRC the `LowRankBlock`, i.e. frozen teacher layer + its projections + student norms), the modules
-ZeRO-3 must gather whole (`leaf_module_classes`) and the weights its root forward reads directly
-(`external_params`: the heads).
+Each backend wraps a distillation model (`interface.DistillationModel`) behind one small interface
+the trainer uses: call the model, `backward` (or `skip_micro` for a non-finite loss), `step` (clip
++ optimizer) or `skip_step`, `set_lr`, checkpoint `save`/`load`, and `gathered` for exports (the
+full values of some parameters, one part of the model at a time). The model names its units of
+sharding (`shard_units`: for LRC the `LowRankBlock`, i.e. frozen teacher layer + its projections +
+student norms), the modules ZeRO-3 must gather whole (`leaf_module_classes`) and the weights its
+root forward reads directly (`external_params`: the heads).
 Gradients are *summed* over micro-batches and ranks: the loss is pre-divided by the global token
 count (see losses.py), so the trainer multiplies it by the world size to undo the backends' mean.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +29,11 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
-from lrc_dist.build import DistillationModel, dtype_of
+from lrc_dist.build import dtype_of
 from lrc_dist.config import TrainConfig
+from lrc_dist.interface import DistillationModel
 from lrc_dist.resources import shipped
 
 
@@ -137,11 +141,19 @@ class TorchBackend:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=options)
 
-    def full_trainable_state(self) -> dict[str, torch.Tensor]:
-        """Unsharded trainable tensors on CPU (all ranks call; rank 0 gets them)."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        model_sd, _ = get_state_dict(self.model, [], options=options)
-        return model_sd
+    def gathered(self, names: list[str]) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
+        """The full values of the parameters `names` (`full_tensors`; collective under FSDP)."""
+        return full_tensors(self.model, names)
+
+
+@contextlib.contextmanager
+def full_tensors(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """{name: full value} of the parameters `names` of `model` (as in `named_parameters`), on their
+    device and in their dtype: FSDP2's shards all-gathered (every rank calls, with the same names),
+    other tensors as they are."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        yield {n: params[n].full_tensor() if isinstance(params[n], DTensor) else params[n].detach() for n in names}
 
 
 def teacher_fits(model: DistillationModel, info: DistInfo) -> bool:
@@ -253,13 +265,15 @@ class DeepSpeedBackend:
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}.")
 
-    def full_trainable_state(self) -> dict[str, torch.Tensor]:
+    @contextlib.contextmanager
+    def gathered(self, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+        """{name: full value} of the module's parameters `names` (ZeRO-3's partitions gathered on every
+        rank: every rank calls, with the same names), on their device and in their dtype."""
         import deepspeed
 
-        module = self.engine.module
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().float().cpu().clone() for n, p in named} if self.info.is_main else {}
+        params = dict(self.engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters([params[n] for n in names], modifier_rank=None), torch.no_grad():
+            yield {n: params[n].detach() for n in names}
 
 
 def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:

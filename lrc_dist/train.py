@@ -34,6 +34,7 @@ from lrc_dist.cluster import EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEM
 from lrc_dist.config import ConfigError, TrainConfig, parse_args, resume_changes, to_dict
 from lrc_dist.data import DistributedBatches, PackedMixture, TokenSet
 from lrc_dist.export import export_run
+from lrc_dist.interface import DistillationModel
 from lrc_dist.lrc import check_teacher
 from lrc_dist.metrics import (AgreementWatch, MetricsLogger, add_to_interval, human, interval_means, memory_gb,
                               new_interval, peak_flops)
@@ -138,19 +139,19 @@ def export_due(step: int, cfg: TrainConfig) -> bool:
     return step == cfg.steps or bool(interval and step % interval == 0)
 
 
-def export_to(path: Path, backend, cfg: TrainConfig, info: DistInfo, state: dict, metrics: dict) -> None:
-    """The HF student (`path/hf`, with a model card) and LRC's trainable state (`path/lrc`); atomic,
-    rank 0 writes. Collective: every rank takes part in gathering the state."""
-    tensors = backend.full_trainable_state()
+def export_to(path: Path, model: DistillationModel, backend, cfg: TrainConfig, info: DistInfo, state: dict,
+              metrics: dict) -> None:
+    """The HF student (`path/hf`, with a model card) and LRC's trainable state (`path/lrc`), from the
+    model being trained; atomic, rank 0 writes. Collective: every rank takes part in the gathers."""
+    summary = {"method": cfg.model.method, "step": state["step"], "steps": cfg.steps, "metrics": metrics,
+               "tokens": state["consumed_samples"] * cfg.data.seq_len}
+    export_run(model, backend, cfg, path, summary)
     if info.is_main:
-        summary = {"method": cfg.model.method, "step": state["step"], "steps": cfg.steps, "metrics": metrics,
-                   "tokens": state["consumed_samples"] * cfg.data.seq_len}
-        export_run(cfg, tensors, path, summary)
         print(f"exported student to {path / 'hf'}", flush=True)
     dist.barrier()
 
 
-def startup_summary(cfg: TrainConfig, model, backend, info: DistInfo, grad_accum: int, step: int) -> str:
+def startup_summary(cfg: TrainConfig, model: DistillationModel, backend, info: DistInfo, grad_accum: int, step: int) -> str:
     """What this run is, in a few lines, before its first step."""
     params = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: partitioned
     trainable, frozen = sum(n for n, t in params if t), sum(n for n, t in params if not t)
@@ -210,7 +211,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
                            to_dict(cfg), resume_step=state["step"])
     export_path = run_dir / f"export_{state['step']:08d}"
     if resume_from is not None and export_due(state["step"], cfg) and agreed(not export_path.is_dir()):
-        export_to(export_path, backend, cfg, info, state, history)  # killed during (or before) it: redo
+        export_to(export_path, model, backend, cfg, info, state, history)  # killed during (or before) it: redo
     if info.is_main:
         print(startup_summary(cfg, model, backend, info, grad_accum, state["step"]), flush=True)
     tick, tick_step, saved_at = time.perf_counter(), state["step"], time.monotonic()
@@ -277,7 +278,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
                 print(f"WARNING: the run ended in a streak of {state['bad_steps']} bad steps, without a final "
                       f"checkpoint; {checkpointer.latest()} is the last good one.", flush=True)
             if export_due(step, cfg):
-                export_to(run_dir / f"export_{step:08d}", backend, cfg, info, state, history)
+                export_to(run_dir / f"export_{step:08d}", model, backend, cfg, info, state, history)
         return history
     finally:
         logger.close()

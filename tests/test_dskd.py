@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_same_curve, rel_err
+from export_reference import assert_export_as_from_disk
 from lrc_dist.dskd import DualSpaceProjector, dskd_losses
 from lrc_dist.divergences import DIVERGENCES
 from lrc_dist.losses import LossConfig
@@ -280,4 +281,4 @@ def test_dskd_runs_match_one_process_on_both_backends(dskd_reference, tiny_job, 
     assert last["loss"] < first["loss"] and last["dskd/kd_tea"] < first["dskd/kd_tea"] and "kl" not in first
     records = run(tiny_job, tmp_path, 2, f"--parallel.backend={backend}", *DSKD_RUN)
     assert_same_curve(records, dskd_reference, DSKD_KEYS, abs=1e-7)
-    assert (tmp_path / "export_00000006/hf/config.json").is_file()
+    assert_export_as_from_disk(tmp_path, 6, tmp_path / "scratch")  # the projector is no part of lrc/

@@ -1,5 +1,8 @@
-"""The exported student is a plain HF model whose logits equal the LRC student's."""
+"""The exported student is a plain HF model whose logits equal the LRC student's; it is
+materialised part by part, each part reading only the parameters it names."""
 
+import contextlib
+import copy
 import subprocess
 import sys
 
@@ -9,9 +12,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from conftest import build_checkpoint, randomize_, rel_err
-from lrc_dist.export import export_student
+from lrc_dist.export import export_student, student_tensors
+from lrc_dist.kd import KnowledgeDistillation, student_like
 from lrc_dist.lrc import LowRankClone, LRCConfig, save_lrc
-from lrc_dist.model import CheckpointError
+from lrc_dist.model import CausalLM, CheckpointError
+from lrc_dist.parallel import full_tensors
 
 IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
 
@@ -68,3 +73,45 @@ def test_cli_rejects_a_non_lrc_dir(tmp_path):
 
     with pytest.raises(CheckpointError, match="lrc_config.json"):
         main(str(tmp_path), str(tmp_path / "out"))
+
+
+def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)  # the same order too: it decides which tensors share a shard file
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+def test_parts_give_the_student_state_dict_from_the_parameters_they_name(tmp_path, family):
+    """Part by part, from the full values of only the parameters each part names (all others NaN,
+    as a sharded model's would be unavailable), the student equals `student_state_dict`."""
+    teacher = build_checkpoint(tmp_path / "teacher", family)
+    clone = trained_looking_clone(teacher, shared_ffn_proj=True)
+    t = CausalLM.from_pretrained(teacher)
+    for model in (clone, KnowledgeDistillation(student_like(t, 40, 0), t)):
+        blank = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in blank.parameters():
+                p.fill_(float("nan"))
+        real = dict(model.named_parameters())
+
+        @contextlib.contextmanager
+        def gathered(names):
+            yield {n: real[n] for n in names}
+
+        assert_same_state(student_tensors(blank, gathered, torch.float32), model.student_state_dict())
+        assert all(p.isnan().all() for p in blank.parameters()), "a part left a gathered value in the model"
+
+
+def test_a_bf16_model_exports_as_its_fp32_rebuild(tmp_path):
+    """A bf16 run holds its teacher in bf16: materialised from it (in fp32), the student is the one
+    an fp32 model built from the same (bf16) teacher weights gives, rounded once to bf16."""
+    rebuilt = trained_looking_clone(build_checkpoint(tmp_path / "teacher", "qwen2"))
+    frozen = [n for n, p in rebuilt.named_parameters() if not p.requires_grad]
+    with torch.no_grad():
+        for n in frozen:
+            rebuilt.get_parameter(n).copy_(rebuilt.get_parameter(n).bfloat16())
+    live = copy.deepcopy(rebuilt)
+    for n in frozen:
+        live.get_parameter(n).data = live.get_parameter(n).data.bfloat16()
+    want = {k: v.bfloat16() for k, v in rebuilt.student_state_dict().items()}
+    assert_same_state(student_tensors(live, lambda names: full_tensors(live, names), torch.bfloat16), want)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import assert_same_curve, build_checkpoint, rel_err
+from export_reference import assert_export_as_from_disk
 from lrc_dist.export import export_student
 from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
 from lrc_dist.losses import LossConfig
@@ -87,3 +88,4 @@ def test_kd_trainer_backends_match_one_process(kd_reference, tiny_job, tmp_path,
     assert_same_curve(records, kd_reference, KD_KEYS)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export_00000006/hf")
     assert hf.config.hidden_size == 32 and (tmp_path / "export_00000006/hf/tokenizer.json").is_file()
+    assert_export_as_from_disk(tmp_path, 6, tmp_path / "scratch")  # FSDP: the teacher replicated

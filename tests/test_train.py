@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import assert_same_curve
+from export_reference import assert_export_as_from_disk
 from lrc_dist.checkpoint import Checkpointer
 from lrc_dist.config import ConfigError, load_config
 from lrc_dist.parallel import deepspeed_config
@@ -47,22 +48,25 @@ def reference(tiny_job, tmp_path_factory):
     return run(tiny_job, run_dir, 1, "--parallel.backend=none", "--log.wandb_project=lrc_test"), run_dir
 
 
-def test_reference_run_learns_exports_and_logs(reference, tiny_job):
+def test_reference_run_learns_exports_and_logs(reference, tiny_job, tmp_path):
     records, run_dir = reference
     assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
     assert {"lm", "kl", "clone", "clone/q", "grad_norm", "lr", "tokens_per_s_per_device", "memory_gb"} <= set(records[0])
     hf = AutoModelForCausalLM.from_pretrained(run_dir / "export_00000006/hf")
     assert hf.config.hidden_size == 32
     assert (run_dir / "export_00000006/hf/tokenizer.json").is_file()
+    assert_export_as_from_disk(run_dir, 6, tmp_path)
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
     assert (run_dir / "latest").read_text().strip() == "step_00000006"
 
 
 def test_fsdp_two_ranks_and_resume_on_one_rank(reference, tiny_job, tmp_path):
-    """FSDP2 with a sharded teacher and sharded weight generation on 2 ranks, stopped at step 3,
-    resumed on 1 rank (replicated teacher): the loss curve is the single-process one throughout."""
+    """FSDP2 with a sharded teacher and sharded weight generation on 2 ranks, stopped at step 3 (and
+    exported there), resumed on 1 rank (replicated teacher): the loss curve is the single-process
+    one throughout."""
     first = run(tiny_job, tmp_path, 2, "--parallel.backend=fsdp", "--parallel.teacher=shard", "--stop_at=3",
-                "--parallel.shard_generation=true")
+                "--parallel.shard_generation=true", "--checkpoint.export_interval=3")
+    assert_export_as_from_disk(tmp_path, 3, tmp_path / "scratch")
     saved = set(_dcp_keys(tmp_path / "step_00000003"))
     assert saved and not any("teacher" in k for k in saved), "teacher weights must never be checkpointed"
     resumed = run(tiny_job, tmp_path, 1, "--parallel.backend=fsdp", "--parallel.teacher=replicate")
@@ -81,13 +85,15 @@ def test_deepspeed_zero3_curve_and_resume(reference, tiny_job, tmp_path):
     states = torch.load(tmp_path / "step_00000003/state/zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
     assert not any("teacher" in k for k in states["module"] or {}), "teacher weights must never be checkpointed"
     assert_same_curve(run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed"), reference[0], CURVE_KEYS)
+    assert_export_as_from_disk(tmp_path, 6, tmp_path / "scratch")
 
 
 def test_deepspeed_zero2_curve(reference, tiny_job, tmp_path):
     records = run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed",
                   "--parallel.deepspeed_config=ds_configs/zero2.json", "--checkpoint.export_interval=3")
     assert_same_curve(records, reference[0], CURVE_KEYS)
-    assert (tmp_path / "export_00000003/hf/config.json").is_file()  # periodic export
+    for step in (3, 6):  # a periodic export and the final one
+        assert_export_as_from_disk(tmp_path, step, tmp_path / "scratch")
 
 
 POISONED_TRAIN = """
