@@ -1,6 +1,7 @@
-"""From a training config to the distillation model it trains (`model.method`): the trainer, the
-export of a checkpoint and the tests all build it here, identically on every rank. The trainer, the
-backends and the export see what this returns only as an `interface.DistillationModel`."""
+"""From a training config to the distillation model it trains (`model.method`) and the sample stream
+it trains on: the trainer, the export of a checkpoint and the tests all build them here,
+identically on every rank. The trainer, the backends and the export see the model only as an
+`interface.DistillationModel`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from lrc_dist.align import vocab_overlap
 from lrc_dist.config import TrainConfig
+from lrc_dist.data import PackedMixture, TokenSet
 from lrc_dist.dskd import projector_lr_scale
 from lrc_dist.indexed_dataset import Manifest
 from lrc_dist.interface import DistillationModel
@@ -52,3 +54,16 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Distillat
         scale = cfg.optim.dskd_projector_lr_scale
         model.dual_space.lr_scale = projector_lr_scale(model) if scale is None else scale
     return model
+
+
+def training_mixture(cfg: TrainConfig, vocab_size: int) -> PackedMixture:
+    """The run's sample stream (`cfg.data`), its token sets checked against the model's vocabulary and
+    tokenizer; sample i is the same whatever the world size (lrc_dist.data)."""
+    d = cfg.data
+    if not d.paths:
+        raise ValueError("data.paths is empty: pass token-set directories written by data_prep/tokenize.py.")
+    sets = [TokenSet.open(p, verify=d.verify) for p in d.paths]
+    for token_set in sets:
+        token_set.check_teacher(vocab_size, cfg.model.tokenizer_dir())
+    return PackedMixture(sets, d.mixture_weights() or [1.0] * len(sets), d.seq_len, seed=d.seed,
+                         num_samples=cfg.steps * cfg.global_batch_size)

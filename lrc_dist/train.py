@@ -27,12 +27,12 @@ import torch.distributed as dist
 
 from lrc_dist import preflight
 from lrc_dist.align import TeacherRetokenizer
-from lrc_dist.build import build_model
+from lrc_dist.build import build_model, training_mixture
 from lrc_dist.checkpoint import Checkpointer, agreed, read_train_state
 from lrc_dist.cluster import EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEMPTED, RunDirLocked, StopSignals, \
     die_with_launcher, lock_run_dir
 from lrc_dist.config import ConfigError, TrainConfig, parse_args, resume_changes, to_dict
-from lrc_dist.data import DistributedBatches, PackedMixture, TokenSet
+from lrc_dist.data import DistributedBatches
 from lrc_dist.export import export_run
 from lrc_dist.interface import DistillationModel
 from lrc_dist.lrc import check_teacher
@@ -81,13 +81,7 @@ def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int,
     """This rank's micro-batches of the run's sample stream, from `consumed_samples` on; with
     `cross_tokenizer`, each also carries the teacher's tokens and the aligned positions."""
     d = cfg.data
-    if not d.paths:
-        raise ValueError("data.paths is empty: pass token-set directories written by data_prep/tokenize.py.")
-    sets = [TokenSet.open(p, verify=d.verify) for p in d.paths]
-    for token_set in sets:
-        token_set.check_teacher(vocab_size, cfg.model.tokenizer_dir())
-    mixture = PackedMixture(sets, d.mixture_weights() or [1.0] * len(sets), d.seq_len, seed=d.seed,
-                            num_samples=cfg.steps * cfg.global_batch_size)
+    mixture = training_mixture(cfg, vocab_size)
     batches = iter(DistributedBatches(mixture, cfg.micro_batch_size, rank, world_size, consumed_samples))
     if not cross_tokenizer:
         return batches
