@@ -68,6 +68,19 @@ def perplexity(model_dir: str, tokens: str, seq_len: int = 512, max_windows: int
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
 
 
+def effective_rank(hidden: torch.Tensor) -> float:
+    """The effective rank of hidden states [..., d] (Roy & Vetterli, 2007): exp of the entropy of
+    their singular values normalised to sum 1, over the matrix of all positions (not centred). It is
+    d for states spread evenly over d directions, and k for states spread evenly over k of them.
+    Singular values under the rounding of the input's dtype count as zero, as in matrix_rank.
+    RED reports that LRC's random projections collapse it in the student (docs/METHOD.md)."""
+    matrix = hidden.reshape(-1, hidden.shape[-1])
+    s = torch.linalg.svdvals(matrix.double())
+    s = s[s > s.max() * max(matrix.shape) * torch.finfo(hidden.dtype).eps]
+    p = s / s.sum()
+    return math.exp(-(p * p.log()).sum().item())
+
+
 def read_task(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():

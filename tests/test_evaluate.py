@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lrc_dist.data import TokenSet
-from lrc_dist.evaluate import SHIPPED_TASKS, choice, harness, perplexity, read_task
+from lrc_dist.evaluate import SHIPPED_TASKS, choice, effective_rank, harness, perplexity, read_task
 from lrc_dist.model import CausalLM
 
 TASK = SHIPPED_TASKS / "pydoc_cloze.jsonl"
@@ -64,3 +64,14 @@ def test_bad_task_file_is_a_clear_error(tmp_path):
         read_task(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_task(tmp_path / "none.jsonl")
+
+
+def test_effective_rank_of_matrices_of_known_rank():
+    g = torch.Generator().manual_seed(0)
+    q_rows, _ = torch.linalg.qr(torch.randn(200, 5, generator=g))
+    q_cols, _ = torch.linalg.qr(torch.randn(16, 5, generator=g))
+    assert effective_rank(3.0 * q_rows @ q_cols.T) == pytest.approx(5, rel=1e-6)  # five equal singular values
+    s = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.0])
+    p = s[:4] / s.sum()
+    assert effective_rank(q_rows @ torch.diag(s) @ q_cols.T) == pytest.approx(math.exp(-(p * p.log()).sum()), rel=1e-6)
+    assert effective_rank(torch.ones(3, 7, 16)) == pytest.approx(1.0)  # [..., d]: every position the same state
