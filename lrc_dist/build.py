@@ -18,6 +18,7 @@ from lrc_dist.interface import DistillationModel
 from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
 from lrc_dist.lrc import LowRankClone
 from lrc_dist.model import CausalLM
+from lrc_dist.projection_init import CALIBRATED, init_from_teacher
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -28,8 +29,12 @@ def dtype_of(name: str) -> torch.dtype:
     return dtype
 
 
-def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> DistillationModel:
-    """The model of `cfg.model.method`, initialised identically on every rank (same seed)."""
+def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                trained: bool = False) -> DistillationModel:
+    """The model of `cfg.model.method`, initialised identically on every rank (same seed, same data).
+    LRC's projections start as `lrc.init` says; an init from the teacher moves the model to
+    `device` first and runs there. With `trained` (a resume, an export: a trained state is loaded
+    over the model) they get only the cheap random init, and nothing is computed."""
     m = cfg.model
     dtype = dtype or dtype_of(m.dtype)
     if m.method == "lm":
@@ -46,9 +51,14 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Distillat
         model = KnowledgeDistillation(student, teacher, overlap)
     else:
         model = LowRankClone(teacher, m.lrc)
-        model.init_weights(cfg.seed)
     if cfg.data.document_mask:
         model.set_document_mask(Manifest.read(Path(cfg.data.paths[0]) / "manifest.json").tokenizer["eos_id"])
+    if isinstance(model, LowRankClone):  # after the mask: a calibration forward reads documents as training does
+        if trained or m.lrc.init == "random":
+            model.init_weights(cfg.seed)
+        else:
+            windows = calibration_windows(cfg, model.vocab_size) if m.lrc.init in CALIBRATED else None
+            init_from_teacher(model.to(device) if device is not None else model, windows, cfg.micro_batch_size)
     if cfg.loss.dskd_weight:
         model.enable_dual_space()
         scale = cfg.optim.dskd_projector_lr_scale
@@ -67,3 +77,10 @@ def training_mixture(cfg: TrainConfig, vocab_size: int) -> PackedMixture:
         token_set.check_teacher(vocab_size, cfg.model.tokenizer_dir())
     return PackedMixture(sets, d.mixture_weights() or [1.0] * len(sets), d.seq_len, seed=d.seed,
                          num_samples=cfg.steps * cfg.global_batch_size)
+
+
+def calibration_windows(cfg: TrainConfig, vocab_size: int) -> torch.Tensor:
+    """The input tokens [lrc.init_samples, seq_len] of the run's first samples (all of them if the run
+    has fewer), the same on every rank whatever the world size: the projection init's calibration data."""
+    mixture = training_mixture(cfg, vocab_size)
+    return torch.stack([mixture[i][:-1] for i in range(min(cfg.model.lrc.init_samples, len(mixture)))])

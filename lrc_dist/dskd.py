@@ -40,7 +40,7 @@ _RCOND = 1e-6  # singular values of a head below this fraction of its largest on
 _GRAM_ROWS = 4096  # vocabulary rows per block of the float64 Gram products
 
 
-def _gram(a: Tensor, b: Tensor) -> Tensor:
+def gram(a: Tensor, b: Tensor) -> Tensor:
     """a^T b in float64, summed over blocks of rows so that no float64 copy of a head exists."""
     blocks = range(0, a.shape[0], _GRAM_ROWS)
     return sum(a[i : i + _GRAM_ROWS].double().T @ b[i : i + _GRAM_ROWS].double() for i in blocks)
@@ -48,7 +48,7 @@ def _gram(a: Tensor, b: Tensor) -> Tensor:
 
 def _pinv_gram(w: Tensor) -> Tensor:
     """pinv(w^T w), float64 [d, d]; pinv(w) = pinv(w^T w) w^T whatever the rank of w."""
-    return torch.linalg.pinv(_gram(w, w), hermitian=True, rtol=_RCOND**2)
+    return torch.linalg.pinv(gram(w, w), hermitian=True, rtol=_RCOND**2)
 
 
 class DualSpaceProjector(nn.Module):
@@ -67,7 +67,7 @@ class DualSpaceProjector(nn.Module):
     def ideal_init_(self, w_t: Tensor, w_s: Tensor) -> "DualSpaceProjector":
         """t2s = W_t pinv(W_s) = w_t^T w_s pinv(w_s^T w_s): decoding h_t @ t2s with the student head
         gives the least-squares fit of the teacher logits (exact when V <= d_S)."""
-        self.t2s.copy_(_gram(w_t, w_s) @ _pinv_gram(w_s))
+        self.t2s.copy_(gram(w_t, w_s) @ _pinv_gram(w_s))
         return self
 
     def s2t(self, w_s: Tensor, w_t: Tensor) -> Tensor:

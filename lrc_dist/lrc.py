@@ -44,6 +44,7 @@ from lrc_dist.model import (
 
 CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
 INPUT_SIDE = ("q", "k", "v", "gate", "up")  # student weight W_T @ P; output side (o, down) is P^T @ W_T
+INITS = ("random", "activation", "channels", "svd")  # lrc.init
 
 
 CloneTerm = Literal["q", "k", "v", "gate", "up", "attn_out", "ffn_out"]
@@ -66,8 +67,17 @@ class LRCConfig:
     """the paper's "IO" attention: one input projection for q, k, v"""
     shared_ffn_proj: bool = False
     """the paper's "IO" FFN: one input projection for gate, up"""
+    init: Literal["random", "activation", "channels", "svd"] = "random"
+    """where the projections start (lrc_dist/projection_init.py): random: N(0, init_std), as in the
+    paper; the others derive every projection from one basis of the teacher's residual stream:
+    activation: its principal directions on init_samples windows of the training data; channels:
+    its d_S channels of most energy there (RED's channel selection); svd: the principal
+    directions of the teacher weights that read and write it (no data)"""
+    init_samples: int = 16
+    """activation, channels: the calibration windows (data.seq_len tokens each), the first ones of
+    the training stream"""
     init_std: float = 0.02
-    """projections ~ N(0, init_std), as in the reference"""
+    """init=random: projections ~ N(0, init_std), as in the reference"""
     clone_term_weights: dict[str, float] = field(default_factory=dict)
     """a weight per clone term; missing terms weigh 1"""
 
@@ -78,6 +88,8 @@ class LRCConfig:
             raise ValueError(f"lrc.clone_terms: unknown {sorted(unknown)}; choose from {CLONE_TERMS}.")
         if self.attn_out_space not in ("student", "teacher"):
             raise ValueError(f"lrc.attn_out_space={self.attn_out_space!r}; use 'student' or 'teacher'.")
+        if self.init not in INITS:
+            raise ValueError(f"lrc.init={self.init!r}; use one of {', '.join(INITS)}.")
 
     def projection_name(self, matrix: str) -> str:
         """The projection a matrix uses: its own, or the shared one of the IO variants."""
@@ -249,13 +261,17 @@ class LowRankClone(nn.Module):
 
     @classmethod
     def from_teacher(cls, path: str | Path, cfg: LRCConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> "LowRankClone":
+        if cfg.init != "random":
+            raise ValueError(f"lrc.init={cfg.init}: from_teacher draws random projections; build the model with "
+                             f"build.build_model, or call projection_init.init_from_teacher on it.")
         model = cls(CausalLM.from_pretrained(path, dtype=dtype), cfg)
         model.init_weights(seed)
         return model
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Projections ~ N(0, init_std), student norms scaling by 1. Deterministic in `seed`."""
+        """Projections ~ N(0, init_std), student norms scaling by 1 (lrc.init=random; the other inits
+        are projection_init's). Deterministic in `seed`."""
         g = torch.Generator().manual_seed(seed)
         for name, param in self.named_parameters():
             if not param.requires_grad:

@@ -78,7 +78,8 @@ def _ranges(cfg: TrainConfig) -> list[str]:
                 "checkpoint.interval": (cfg.checkpoint.interval, 1), "checkpoint.keep": (cfg.checkpoint.keep, 1),
                 "checkpoint.export_interval": (cfg.checkpoint.export_interval, 0), "log.interval": (cfg.log.interval, 1),
                 "max_bad_steps": (cfg.max_bad_steps, 1), "optim.warmup": (cfg.optim.warmup, 0),
-                "optim.grad_clip": (cfg.optim.grad_clip, 0), "loss.skew": (cfg.loss.skew, 0)}
+                "optim.grad_clip": (cfg.optim.grad_clip, 0), "loss.skew": (cfg.loss.skew, 0),
+                "model.lrc.init_samples": (cfg.model.lrc.init_samples, 1)}
     optional = {"stop_at": (cfg.stop_at, 1), "loss.chunk_tokens": (cfg.loss.chunk_tokens, 1),
                 "data.teacher_max_len": (cfg.data.teacher_max_len, 1)}
     positive = {"optim.lr": cfg.optim.lr, "loss.temperature": cfg.loss.temperature,

@@ -183,7 +183,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
     if resume_from is not None:
         check_resume(read_train_state(resume_from), resume_from, cfg, info)
 
-    model = build_model(cfg)
+    model = build_model(cfg, device=info.device, trained=resume_from is not None)  # a resume computes no init
     fingerprint = teacher_fingerprint(cfg.model.teacher) if cfg.model.method != "lm" else None
     backend = build_backend(model, cfg, info, grad_accum)
     state = {"step": 0, "consumed_samples": 0, "bad_steps": 0, "recent_losses": [], "interval": new_interval()}

@@ -55,6 +55,7 @@ def test_overrides_are_typed_and_coerced(tiny_job, tmp_path):
     ("--stop_at=soon", "stop_at: expected int or null, got soon"),
     ("--optim.lrr=1", "unknown config key optim.lrr (the command line); did you mean optim.lr"),
     ("--parallel.backend=ddp", "parallel.backend: expected one of fsdp, deepspeed, none, got 'ddp'"),
+    ("--model.lrc.init=pca", "model.lrc.init: expected one of random, activation, channels, svd, got 'pca'"),
 ])
 def test_a_bad_override_names_key_value_and_expectation(arg, message):
     with pytest.raises(ConfigError) as error:
@@ -84,7 +85,8 @@ def test_one_pass_lists_every_problem(tiny_job, tmp_path):
     cfg = tiny_cfg(tiny_job, tmp_path, steps=0, global_batch_size=6, **{
         "checkpoint.interval": 0, "log.interval": 0, "data.paths": [tokens, str(tmp_path / "nowhere")],
         "data.weights": [1.0, 2.0, 3.0], "parallel.backend": "deepspeed", "parallel.deepspeed_config": "ds/nope.json",
-        "model.lrc.student_hidden_size": 999, "optim.lr": 0.0, "loss_spike_factor": 0.5})
+        "model.lrc.student_hidden_size": 999, "optim.lr": 0.0, "loss_spike_factor": 0.5,
+        "model.lrc.init_samples": 0})
     found = "\n".join(preflight.problems(cfg, world_size=4))
     for expected in ("steps=0 must be at least 1", "checkpoint.interval=0 must be at least 1",
                      "log.interval=0 must be at least 1", "optim.lr=0.0 must be positive",
@@ -92,7 +94,8 @@ def test_one_pass_lists_every_problem(tiny_job, tmp_path):
                      "global_batch_size=6 must be a multiple of micro_batch_size * world size = 2 * 4",
                      "data.weights has 3 weights for 2 data.paths", "data.paths[1]=", "has no manifest.json",
                      "parallel.deepspeed_config=ds/nope.json does not exist",
-                     "model.lrc.student_hidden_size=999 must be in 1..64"):
+                     "model.lrc.student_hidden_size=999 must be in 1..64",
+                     "model.lrc.init_samples=0 must be at least 1"):
         assert expected in found, (expected, found)
     assert preflight.problems(tiny_cfg(tiny_job, tmp_path), world_size=1) == []
 

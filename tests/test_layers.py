@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lrc_dist"
 TRAINING = ("align", "build", "checkpoint", "data", "divergences", "dskd", "evaluate", "export", "families", "kd",
-            "losses", "lrc", "metrics", "model", "parallel", "preflight", "train")
+            "losses", "lrc", "metrics", "model", "parallel", "preflight", "projection_init", "train")
 DATA_PREP = ("documents", "pretokenize", "prep", "sources")
 
 

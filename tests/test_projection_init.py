@@ -1,0 +1,139 @@
+"""The projection init (lrc.init): every mode starts finite, trainable, deterministic and unlike
+random; at d_S = d_T its basis is orthogonal and the student is the teacher wherever the norms
+fold; the CLI trains with it, a resume computes none of it and continues the curve, and FSDP ranks
+start where one process does."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import assert_same_curve, build_checkpoint, rel_err
+from lrc_dist import build
+from lrc_dist.config import resume_changes, to_dict
+from lrc_dist.losses import LossConfig
+from lrc_dist.lrc import LowRankClone, LRCConfig
+from lrc_dist.model import CausalLM, get_parameter
+from lrc_dist.projection_init import init_from_teacher
+from lrc_dist.train import train
+from test_train import CURVE_KEYS, run, tiny_cfg
+
+IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+MODES = ("activation", "channels", "svd")
+
+
+def initialised(path, width: int, mode: str, **cfg) -> LowRankClone:
+    model = LowRankClone(CausalLM.from_pretrained(path), LRCConfig(width, init=mode, **cfg))
+    init_from_teacher(model, IDS)
+    return model
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_starts_finite_trainable_deterministic_and_unlike_random(tmp_path, mode):
+    path = build_checkpoint(tmp_path / "m", "gemma3")  # four norms a layer, two of them not folded, a tied head
+    model = initialised(path, 32, mode)
+    total, metrics = model(IDS, IDS.roll(-1, 1), LossConfig(temperature=2.0))
+    assert all(torch.isfinite(v) for v in metrics.values()), metrics
+    total.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.isfinite().all() and p.grad.abs().sum() > 0, name
+    again = initialised(path, 32, mode).trainable_state_dict()
+    random = LowRankClone.from_teacher(path, LRCConfig(32)).trainable_state_dict()
+    for name, value in model.trainable_state_dict().items():
+        assert value.isfinite().all() and torch.equal(value, again[name]), name
+        if "proj" in name:
+            assert not torch.allclose(value, random[name], atol=0.05), name
+
+
+@pytest.mark.parametrize("variant", [{}, {"shared_attn_proj": True, "shared_ffn_proj": True}])
+@pytest.mark.parametrize("mode", MODES)
+def test_at_full_width_the_basis_is_orthogonal_and_the_student_the_teacher(checkpoint, mode, variant):
+    """d_S = d_T: U = P_o is orthogonal and the reads are diag(g) U. The student is the teacher
+    wherever every norm folds into a projection: with channels (U = I) always; with a rotation
+    (activation, svd) its layers unless a post-norm (Gemma) sits between o/down and the stream,
+    and its logits when the head is untied too (a tied head's final norm becomes the nearest
+    diagonal, since RMSNorm's weight does not commute with a rotation)."""
+    teacher = CausalLM.from_pretrained(checkpoint)
+    d = teacher.args.hidden_size
+    model = initialised(checkpoint, d, mode, **variant)
+    block = model.layers[0]
+    u = block.proj["o"].double()
+    assert torch.allclose(u.T @ u, torch.eye(d, dtype=torch.float64), atol=1e-6)
+    assert torch.equal(block.proj["down"], block.proj["o"])
+    g = get_parameter(block.teacher, block.norm_names["attn_norm"]).double() + 1 - teacher.args.family.norm_init
+    assert torch.allclose(block.p("q").double(), g[:, None] * u, atol=1e-6)
+    if mode == "channels":
+        assert torch.equal(block.proj["o"], torch.eye(d))
+    post_norms = "attn_post_norm" in block.norm_names
+    with torch.no_grad():
+        out = model.lockstep(IDS)
+        err = rel_err(out.student_hidden @ model.student_head_weight().T, teacher(IDS))
+    exact_layers = mode == "channels" or not post_norms
+    exact_logits = exact_layers and (mode == "channels" or not teacher.args.tie_word_embeddings)
+    assert max(v.item() for v in out.clone.values()) < (1e-10 if exact_layers else 0.1)
+    assert err < 1e-5 if exact_logits else 1e-3 < err < 0.5, err
+
+
+def test_a_narrow_student_reads_through_the_scaled_basis(tmp_path):
+    """d_S < d_T: every P is the basis U (reads: sqrt(d_T / d_S) diag(g) U, Gemma's embedding
+    sqrt(d_T / d_S) U); without post-norms the student starts far closer to the teacher than random
+    projections (Gemma's post-norms only get the nearest diagonal: a little closer)."""
+    model = initialised(build_checkpoint(tmp_path / "gemma", "gemma3"), 32, "activation")
+    block, r = model.layers[0], math.sqrt(64 / 32)
+    u = block.proj["o"].double()
+    assert torch.allclose(u.T @ u, torch.eye(32, dtype=torch.float64), atol=1e-6)
+    g = get_parameter(block.teacher, block.norm_names["mlp_norm"]).double() + 1  # Gemma: 1 + w
+    assert torch.allclose(block.p("gate").double(), r * g[:, None] * u, atol=1e-6)
+    assert torch.allclose(model.embed_proj.double(), r * u, atol=1e-6)
+    path = build_checkpoint(tmp_path / "qwen", "qwen2")
+    models = initialised(path, 32, "activation"), LowRankClone.from_teacher(path, LRCConfig(32))
+    with torch.no_grad():
+        clone, clone_random = (sum(m.lockstep(IDS).clone.values()) for m in models)
+    assert clone < 0.1 * clone_random, (clone, clone_random)
+
+
+def test_bad_settings_are_named(tmp_path):
+    path = build_checkpoint(tmp_path / "m", "qwen2")
+    with pytest.raises(ValueError, match=r"lrc.init='pca'; use one of random, activation, channels, svd"):
+        LRCConfig(32, init="pca")
+    with pytest.raises(ValueError, match="lrc.init=activation needs calibration windows"):
+        init_from_teacher(LowRankClone(CausalLM.from_pretrained(path), LRCConfig(32, init="activation")))
+    with pytest.raises(ValueError, match="lrc.init=svd: from_teacher draws random projections"):
+        LowRankClone.from_teacher(path, LRCConfig(32, init="svd"))
+
+
+@pytest.fixture(scope="module")
+def activation_reference(tiny_job, tmp_path_factory):
+    """One process, lrc.init=activation (and DSKD, whose projector starts from the initial head)."""
+    return run(tiny_job, tmp_path_factory.mktemp("activation"), 1, "--parallel.backend=none", *ACTIVATION)
+
+
+ACTIVATION = ("--model.lrc.init=activation", "--model.lrc.init_samples=8", "--loss.dskd_weight=0.5")
+
+
+def test_fsdp_ranks_start_as_one_process_and_a_resume_computes_no_init(
+        activation_reference, tiny_job, tmp_path, one_process, monkeypatch):
+    """Two FSDP ranks, stopped at step 3, resumed in one process that may not compute an init
+    (nor may its final export): the curve is the one-process run's throughout, from its first
+    step. DSKD's projector learns at a rate set from the initial head, which the resume restores
+    from the checkpoint, not from the placeholder projections it starts with."""
+    run(tiny_job, tmp_path, 2, "--parallel.backend=fsdp", "--parallel.teacher=shard", "--stop_at=3", *ACTIVATION)
+    monkeypatch.setattr(build, "init_from_teacher", lambda *a, **k: pytest.fail("a resume computed the init"))
+    train(tiny_cfg(tiny_job, tmp_path, **{"model.lrc.init": "activation", "model.lrc.init_samples": 8,
+                                          "loss.dskd_weight": 0.5}))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert_same_curve(records, activation_reference, (*CURVE_KEYS, "dskd", "dskd/ce_t2s"))
+    assert (tmp_path / "export_00000006/hf/config.json").is_file()
+
+
+def test_the_init_is_a_recorded_lrc_key(tiny_job, tmp_path):
+    saved = to_dict(tiny_cfg(tiny_job, tmp_path))
+    assert saved["model"]["lrc"]["init"] == "random"
+    cfg = tiny_cfg(tiny_job, tmp_path, **{"model.lrc.init": "svd"})
+    assert resume_changes(saved, cfg) == ["model.lrc.init: 'random' -> 'svd'"]
+    cfg.checkpoint.allow_changes = ["model.lrc"]
+    assert resume_changes(saved, cfg) == []
+    del saved["model"]["lrc"]["init"]  # a checkpoint from before the option: it was random
+    assert resume_changes(saved, tiny_cfg(tiny_job, tmp_path)) == []
