@@ -10,7 +10,7 @@ up and head read that sum back. The student computes a function of the teacher's
 them use the same coordinates. With one U it starts as the teacher with its stream cut down to
 span(U), as SliceGPT slices a model (Ashkboos et al., 2024). With d_S = d_T it is the teacher
 (tests/test_projection_init.py says where exactly). Bases chosen per projection would each fit
-their own matrix and leave a student whose sums mix coordinates, no better than random.
+their own matrix and leave a student whose sums mix coordinates.
 
 From U (g: the scale of a teacher norm, its weight, or 1 + weight in Gemma; r = sqrt(d_T / d_S)):
 
@@ -30,8 +30,8 @@ The bases:
   input, its stream after attention, and the final norm's), with n = x / rms(x): the inputs of
   every read. Normalising each token makes it count once, not by its norm: a few tokens carry
   huge activations in real LLMs. (Leaving out the streams after attention, which the MLPs read,
-  doubled the demo's initial clone loss: a first-layer MLP that writes huge activations then
-  read its input badly);
+  made the demo's initial clone term 8 times larger, 10.0 against 1.2: its first-layer MLP,
+  which writes huge activations, then read its input badly);
 - channels: the d_S channels of most energy in the same E[n n^T] (its diagonal), kept in the
   teacher's order; U is those columns of the identity. This is RED's channel selection
   (docs/METHOD.md);
@@ -46,8 +46,9 @@ nearly equal eigenvalues are defined only up to a rotation: ranks whose kernels 
 could pick different ones, and FSDP would assemble P from rows of different bases. A resume or an
 export loads trained projections and computes none of this (`build.build_model(trained=True)`).
 
-Cost. Demo scale (width 192 -> 96, 4 layers, 16 windows of 128 tokens, 2 CPU cores): see
-bench/RESULTS.md. Qwen2.5-7B -> d_S = 2048 (d_T = 3584, 28 layers, FFN 18944, vocabulary 152064),
+Cost. At the demo's scale (width 192 -> 96, 4 layers, 16 windows of 128 tokens), one CPU thread
+takes 0.05 s (svd) to 0.2 s (activation, channels); bench/RESULTS.md has these numbers and the
+initial losses. Qwen2.5-7B -> d_S = 2048 (d_T = 3584, 28 layers, FFN 18944, vocabulary 152064),
 16 windows of 2048 tokens = 32,768 tokens, on one H100 where the trainer puts the model anyway:
 
 - activation, channels: a teacher forward without the head, 2 * 6.5e9 * 32,768 = 4.3e14 FLOPs,
@@ -55,8 +56,8 @@ bench/RESULTS.md. Qwen2.5-7B -> d_S = 2048 (d_T = 3584, 28 layers, FFN 18944, vo
   2 s at 200 TFLOP/s bf16 and 1 s on FP64 tensor cores;
 - svd: the Gram matrices, 3584^2 * 2 * (28 * 65,024 rows + 2 * 152,064) = 5.5e13 FLOPs (float64),
   about 1 s; no forward;
-- every mode: one 3584 x 3584 float64 eigh. It takes about 1 s on a GPU; it took 45 s on 2 CPU
-  cores here.
+- every mode: one 3584 x 3584 float64 eigh, about 1 s on a GPU (not measured yet); it took 45 s
+  on 2 CPU cores here. Rank 0's U, 59 MB in float64, is then broadcast.
 
 In total, seconds, against hours of training. Memory: the 3584^2 float64 moment (100 MB) and one
 micro-batch's activations, beside the model.
