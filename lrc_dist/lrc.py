@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from safetensors import SafetensorError
@@ -44,10 +44,11 @@ from lrc_dist.model import (
 
 CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
 INPUT_SIDE = ("q", "k", "v", "gate", "up")  # student weight W_T @ P; output side (o, down) is P^T @ W_T
-INITS = ("random", "activation", "channels", "svd")  # lrc.init
 
 
 CloneTerm = Literal["q", "k", "v", "gate", "up", "attn_out", "ffn_out"]
+ProjectionInit = Literal["random", "activation", "channels", "svd"]  # lrc.init (lrc_dist/projection_init.py)
+INITS = get_args(ProjectionInit)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class LRCConfig:
     """the paper's "IO" attention: one input projection for q, k, v"""
     shared_ffn_proj: bool = False
     """the paper's "IO" FFN: one input projection for gate, up"""
-    init: Literal["random", "activation", "channels", "svd"] = "random"
+    init: ProjectionInit = "random"
     """where the projections start (lrc_dist/projection_init.py): random: N(0, init_std), as in the
     paper; the others derive every projection from one basis of the teacher's residual stream:
     activation: its principal directions on init_samples windows of the training data; channels:
