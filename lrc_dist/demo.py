@@ -67,8 +67,14 @@ DSKD_STUDENTS = {
 }
 # --beyond: the options beyond the paper's LRC (issue 14), each at the paper's LRC token budget.
 BEYOND_STUDENTS = {
+    "lrc_init_activation": ("LRC, activation init", {"model.lrc.init": "activation"}),
+    "lrc_init_svd": ("LRC, svd init", {"model.lrc.init": "svd"}),
+    "lrc_init_channels": ("LRC, channel-selection init (RED)", {"model.lrc.init": "channels"}),
     "lrc_docmask": ("LRC, document masking", {"data.document_mask": True}),
+    "lrc_best": ("LRC, activation init + document masking", {"model.lrc.init": "activation",
+                                                             "data.document_mask": True}),
 }
+RANK_WINDOWS = 16  # held-out windows whose final hidden states give the effective rank
 
 
 # ---- corpus --------------------------------------------------------------------------------------
@@ -222,14 +228,15 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
     results = {}
     for i, (name, path) in enumerate(exports.items(), 1):
         cached, tick = path.parent / "eval.json", time.perf_counter()
-        if cached.is_file():
+        if cached.is_file() and "effective_rank" in json.loads(cached.read_text()):
             results[name], how = json.loads(cached.read_text()), "reused"
         else:
             ppl = perplexity(str(path), str(root / "tokens" / "held_out"), seq_len=p["seq_len"],
-                             max_windows=p["eval_windows"], progress=False)
+                             max_windows=p["eval_windows"], progress=False, rank_windows=RANK_WINDOWS)
             task = choice(str(path), str(TASK), progress=False)
             results[name] = {"perplexity": ppl["perplexity"], "cloze_acc": task["acc"],
-                             "cloze_acc_norm": task["acc_norm"], "params": _params(path)}
+                             "cloze_acc_norm": task["acc_norm"], "params": _params(path),
+                             "effective_rank": ppl["effective_rank"]}
             cached.write_text(json.dumps(results[name]))
             how = f"{time.perf_counter() - tick:.0f} s"
         print(f"   [{i}/{len(exports)}] {name}: perplexity {results[name]['perplexity']:.2f}, "
@@ -242,8 +249,10 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
     print("== 5/5 summary", flush=True)
     if plot:
         plot_losses({n: root / n / "metrics.jsonl" for n in ("teacher", *students)}, root / "losses.png")
+        plot_perplexity(results, root / "perplexity.png")
     print(table)
-    print(f"wrote {root / 'summary.md'}, {root / 'results.json'}" + (f", {root / 'losses.png'}" if plot else "")
+    print(f"wrote {root / 'summary.md'}, {root / 'results.json'}" + (f", {root / 'losses.png'}, {root / 'perplexity.png'}"
+                                                                      if plot else "")
           + f" in {time.perf_counter() - start:.0f} s", flush=True)
     return results
 
@@ -256,12 +265,13 @@ def _params(path: Path) -> int:
 
 
 def summary_table(results: dict, train_tokens: int, p: dict, students: dict) -> str:
-    rows = ["| model | parameters | held-out perplexity | cloze acc | cloze acc_norm |", "|---|---|---|---|---|"]
+    rows = ["| model | parameters | held-out perplexity | cloze acc | cloze acc_norm | effective rank |",
+            "|---|---|---|---|---|---|"]
     labels = {"teacher": f"teacher (width {p['width']})", **{k: f"{v[0]} (width {p['width'] // 2})"
                                                               for k, v in students.items()}}
     for name, r in results.items():
         rows.append(f"| {labels[name]} | {r['params'] / 1e6:.2f}M | {r['perplexity']:.2f} | {r['cloze_acc']:.3f} | "
-                    f"{r['cloze_acc_norm']:.3f} |")
+                    f"{r['cloze_acc_norm']:.3f} | {r['effective_rank']:.1f} |")
     return "\n".join(rows) + f"\n\nStudents: {train_tokens:,} training tokens each.\n"
 
 
@@ -289,6 +299,26 @@ def plot_losses(runs: dict[str, Path], out: Path) -> None:
     for ax in axes.flat[len(terms):]:
         ax.axis("off")
     axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_perplexity(results: dict, out: Path) -> None:
+    """Held-out perplexity per model, a bar each, the teacher's as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results if n != "teacher"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    ax.bar(names, [results[n]["perplexity"] for n in names], color=[f"C{i}" for i in range(len(names))])
+    if "teacher" in results:
+        ax.axhline(results["teacher"]["perplexity"], color="k", linestyle="--", label="teacher")
+        ax.legend()
+    ax.set_ylabel("held-out perplexity")
+    ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

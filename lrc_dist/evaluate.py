@@ -49,8 +49,11 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu
 
 @torch.no_grad()
 def perplexity(model_dir: str, tokens: str, seq_len: int = 512, max_windows: int | None = None,
-               batch_size: int = 8, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> dict:
-    """{"perplexity", "nll", "tokens"} of the model on token set `tokens` (non-overlapping windows)."""
+               batch_size: int = 8, dtype: str = "float32", device: str = "cpu", progress: bool = True,
+               rank_windows: int = 0) -> dict:
+    """{"perplexity", "nll", "tokens"} of the model on token set `tokens` (non-overlapping windows);
+    with `rank_windows`, also "effective_rank": that of the final hidden states of the first
+    `rank_windows` windows (`effective_rank`)."""
     token_set = TokenSet.open(tokens)
     model = load_model(model_dir, dtype, device)
     token_set.check_teacher(model.config.vocab_size, model_dir)
@@ -58,14 +61,19 @@ def perplexity(model_dir: str, tokens: str, seq_len: int = 512, max_windows: int
     if windows == 0:
         raise ValueError(f"{tokens} holds {token_set.num_tokens} tokens: fewer than one window of {seq_len + 1}.")
     windows = min(windows, max_windows or windows)
-    nll, count = 0.0, 0
+    nll, count, hidden = 0.0, 0, []
     for start in tqdm(range(0, windows, batch_size), desc=f"perplexity {Path(model_dir).name}", disable=not progress):
         rows = [token_set.read(w * (seq_len + 1), seq_len + 1) for w in range(start, min(start + batch_size, windows))]
         batch = torch.as_tensor(np.stack(rows).astype(np.int64), device=device)
-        logits = model(batch[:, :-1]).logits.float()
-        nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        out = model(batch[:, :-1], output_hidden_states=start < rank_windows)
+        if start < rank_windows:
+            hidden.append(out.hidden_states[-1][: rank_windows - start].float().cpu())
+        nll += F.cross_entropy(out.logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
         count += batch[:, 1:].numel()
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
+    result = {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
+    if hidden:
+        result["effective_rank"] = effective_rank(torch.cat(hidden))
+    return result
 
 
 def effective_rank(hidden: torch.Tensor) -> float:
