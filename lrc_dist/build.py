@@ -29,6 +29,15 @@ def dtype_of(name: str) -> torch.dtype:
     return dtype
 
 
+def init_projections(clone: LowRankClone, cfg: TrainConfig, device: torch.device | None, trained: bool) -> None:
+    """`lrc.init`; only the cheap random placeholder when trained projections are loaded next."""
+    if trained or cfg.model.lrc.init == "random":
+        clone.init_weights(cfg.seed)
+    else:
+        windows = calibration_windows(cfg, clone.vocab_size) if cfg.model.lrc.init in CALIBRATED else None
+        init_from_teacher(clone.to(device) if device is not None else clone, windows, cfg.micro_batch_size)
+
+
 def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None, device: torch.device | None = None,
                 trained: bool = False) -> DistillationModel:
     """The model of `cfg.model.method`, initialised identically on every rank (same seed, same data).
@@ -53,12 +62,8 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None, device: torc
         model = LowRankClone(teacher, m.lrc)
     if cfg.data.document_mask:
         model.set_document_mask(Manifest.read(Path(cfg.data.paths[0]) / "manifest.json").tokenizer["eos_id"])
-    if isinstance(model, LowRankClone):  # after the mask: a calibration forward reads documents as training does
-        if trained or m.lrc.init == "random":
-            model.init_weights(cfg.seed)
-        else:
-            windows = calibration_windows(cfg, model.vocab_size) if m.lrc.init in CALIBRATED else None
-            init_from_teacher(model.to(device) if device is not None else model, windows, cfg.micro_batch_size)
+    if m.method == "lrc":  # after the mask: a calibration forward reads documents as training does
+        init_projections(model, cfg, device, trained)
     if cfg.loss.dskd_weight:
         model.enable_dual_space()
         scale = cfg.optim.dskd_projector_lr_scale

@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
         if dist.is_initialized():
+            if code == 0:  # no rank tears its process group down while another still talks to it
+                dist.barrier()
             dist.destroy_process_group()
         if rank == 0 and os.environ.get("LRC_EXIT_FILE"):
             Path(os.environ["LRC_EXIT_FILE"]).write_text(f"{code}\n")
