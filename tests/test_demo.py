@@ -31,3 +31,21 @@ def test_demo_quick_preset_end_to_end(quick_demo):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
     assert again.stdout.count("reused: ") == 3 + 6  # tokenizer, 2 token sets; the teacher and 5 students
     assert all(f"[{i}/6]" in again.stdout and "(reused)" in again.stdout for i in range(1, 7))
+
+
+def test_demo_beyond_adds_its_students_reusing_the_finished_stages(quick_demo):
+    """--beyond on the quick demo's output: the five LRC options beyond the paper train at the same
+    budget, each with its perplexity and effective rank (the quick preset is too short to rank them)."""
+    out, _ = quick_demo
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "lrc_dist.demo", "--out", str(out), "--preset", "quick", "--dskd",
+                           "--beyond"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count("reused: ") == 3 + 6  # nothing trained before is trained again
+    results = json.loads((out / "results.json").read_text())
+    beyond = {"lrc_init_activation", "lrc_init_svd", "lrc_init_channels", "lrc_docmask", "lrc_best"}
+    assert beyond <= set(results)
+    for name in beyond | {"teacher", "lrc"}:
+        assert 1 < results[name]["perplexity"] < 512 and 1 <= results[name]["effective_rank"] <= 64, name
+    assert "effective rank" in (out / "summary.md").read_text()
+    assert (out / "perplexity.png").stat().st_size > 10_000
