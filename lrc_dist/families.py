@@ -138,9 +138,12 @@ class ModelArgs:
         """The sliding window of layer `layer`, None for full attention."""
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
-    def embed_scale(self, dtype: torch.dtype) -> Tensor | None:
-        """The embeddings' scale sqrt(hidden_size) in `dtype` (rounded as transformers does), or None."""
-        return torch.tensor(math.sqrt(self.hidden_size)).to(dtype) if self.family.embed_scale else None
+    def scale_embeddings(self, h: Tensor) -> Tensor:
+        """Embeddings times the family's scale at this width, sqrt(hidden_size) in h's dtype (rounded
+        as transformers does), if it has one (Gemma)."""
+        if not self.family.embed_scale:
+            return h
+        return h * torch.tensor(math.sqrt(self.hidden_size), device=h.device).to(h.dtype)
 
     @classmethod
     def from_hf(cls, config: PretrainedConfig, source: str = "config.json") -> "ModelArgs":

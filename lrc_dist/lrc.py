@@ -307,7 +307,7 @@ class LowRankClone(nn.Module):
         # Gather rows first: (tokens x d_T) @ P instead of materialising the (vocab x d_S) embedding.
         h_s = e @ self.embed_proj.to(e.dtype)
         # A scaled embedding (Gemma: sqrt(width)) scales each model by its own width, as its export does.
-        h_t, h_s = scaled(e, self.teacher_args), scaled(h_s, self.student_args())
+        h_t, h_s = self.teacher_args.scale_embeddings(e), self.student_args().scale_embeddings(h_s)
         ctx = Context.of(self.rotary, self.teacher_args, input_ids, h_s.dtype, self.document_eos)
         clone: dict[str, Tensor] = {}
         for block in self.layers:
@@ -382,12 +382,6 @@ class LowRankClone(nn.Module):
     def export_extras(self) -> list[ExtraPart]:
         """An LRC export also holds the trainable state (`save_lrc`, in `lrc/` of the export dir)."""
         return [(list(self.trainable_state_dict()), lambda out, teacher: save_lrc(self, out / "lrc", teacher))]
-
-
-def scaled(h: Tensor, args: ModelArgs) -> Tensor:
-    """Embeddings times the family's embedding scale at the width of `args`, if it has one."""
-    scale = args.embed_scale(h.dtype)
-    return h if scale is None else h * scale.to(h.device)
 
 
 def lrc_loss(

@@ -220,11 +220,13 @@ class DecoderLayer(nn.Module):
         self.args, self.index = args, index
         self.layer_type, self.window = args.layer_types[index], args.window(index)
         norms = {args.family.names[n] for n in args.family.names if "norm" in n}
-        for hf, shape in hf_layer_shapes(args).items():
+        shapes = hf_layer_shapes(args)
+        self.hf_names = tuple(shapes)
+        for hf, shape in shapes.items():
             add_parameter(self, hf, nn.Parameter(torch.full(shape, args.family.norm_init if hf in norms else 0.0)))
 
     def weights(self) -> Weights:
-        return split_layer(self.args, {hf: get_parameter(self, hf) for hf in hf_layer_shapes(self.args)})
+        return split_layer(self.args, {hf: get_parameter(self, hf) for hf in self.hf_names})
 
     def forward(self, x: Tensor, ctx: Context, tap: Tap = no_tap) -> Tensor:
         return decoder_layer(x, self.weights(), self.args, ctx.rope[self.layer_type], ctx.masks[self.window], tap)
@@ -256,9 +258,7 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        h = self.model.embed_tokens(input_ids)
-        scale = self.args.embed_scale(h.dtype)
-        return h if scale is None else h * scale.to(h.device)
+        return self.args.scale_embeddings(self.model.embed_tokens(input_ids))
 
     def hidden_states(self, input_ids: Tensor, checkpoint_layers: bool = False) -> Tensor:
         """Final-normed hidden states [B, T, d]; `checkpoint_layers` recomputes each layer in

@@ -72,7 +72,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lrc_dist.dskd import gram
-from lrc_dist.lrc import LowRankClone, scaled
+from lrc_dist.lrc import LowRankClone
 from lrc_dist.model import Context, get_parameter, rms_norm
 
 CALIBRATED = ("activation", "channels")  # the modes that read training windows
@@ -116,7 +116,7 @@ def stream_moment(model: LowRankClone, windows: Tensor, batch_size: int = 1) -> 
 
     for ids in windows.split(batch_size):
         ids = ids.to(device)
-        h = scaled(model.teacher_embed(ids), args)
+        h = args.scale_embeddings(model.teacher_embed(ids))
         ctx = Context.of(model.rotary, args, ids, h.dtype, model.document_eos)
         for block in model.layers:
             add(h)
