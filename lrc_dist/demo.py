@@ -9,7 +9,7 @@
    pre-trained on the corpus first (`model.method: lm`).
 4. students at d_S = teacher width / 2, same token budget each: LRC, LRC without the clone loss
    (alpha = 0), and plain logit KD into a randomly initialised student of the same shape;
-   --dskd and --beyond add more (DSKD; document masking and the projection inits).
+   --dskd and --beyond add more (DSKD; document masking, the projection inits, the dense phase).
 5. HF export of each, then evaluation with transformers: held-out perplexity and the shipped
    multiple-choice task (assets/tasks/pydoc_cloze.jsonl, cut from held-out documents).
 6. summary.md (the comparison table), results.json, and losses.png (every loss term, per run).
@@ -73,6 +73,12 @@ BEYOND_STUDENTS = {
     "lrc_docmask": ("LRC, document masking", {"data.document_mask": True}),
     "lrc_best": ("LRC, activation init + document masking", {"model.lrc.init": "activation",
                                                              "data.document_mask": True}),
+    # the dense phase for the second half of the steps, P_o and P_down training or frozen
+    "lrc_dense": ("LRC, dense second half", {"model.lrc.dense_after": 0.5}),
+    "lrc_dense_frozen": ("LRC, dense second half, P_o/P_down frozen", {"model.lrc.dense_after": 0.5,
+                                                                      "model.lrc.dense_projections": "freeze"}),
+    "lrc_dense_activation": ("LRC, activation init + dense second half", {"model.lrc.init": "activation",
+                                                                         "model.lrc.dense_after": 0.5}),
 }
 RANK_WINDOWS = 16  # held-out windows whose final hidden states give the effective rank
 
@@ -328,7 +334,8 @@ def cli(out: str = "runs/demo", preset: str = "default", plot: bool = True, dskd
         beyond: bool = False) -> None:
     """Run the whole pipeline into OUT; prints and writes the comparison (summary.md, losses.png).
     --dskd adds LRC and a random-init student trained by DSKD instead of KL; --beyond adds the LRC
-    options beyond the paper (document masking, projection inits), at the same token budget."""
+    options beyond the paper (document masking, projection inits, the dense phase), at the same
+    token budget."""
     main(out, preset, plot, dskd, beyond)
 
 

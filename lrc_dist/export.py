@@ -272,7 +272,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, teacher: str | No
         cfg.model.teacher = teacher
     if cfg.model.method != "lm":
         check_teacher(cfg.model.teacher, state.get("teacher_fingerprint"), path / TRAIN_STATE)
-    model = build_model(cfg, dtype=torch.float32, trained=True)
+    model = build_model(cfg, dtype=torch.float32, trained=True, dense=state.get("dense", False))
     load_trained(model, read_trained_tensors(path, model))
     summary = {"method": cfg.model.method, "step": state["step"], "steps": cfg.steps, "source": str(path.resolve()),
                "tokens": state["consumed_samples"] * cfg.data.seq_len, "metrics": state.get("metrics")}

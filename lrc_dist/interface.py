@@ -43,6 +43,8 @@ class DistillationModel(Protocol):
     (align.TeacherRetokenizer) and `forward` takes them as keyword arguments"""
     dual_space: nn.Module | None
     """the DSKD projector once `enable_dual_space` added it; its `lr_scale` scales its learning rate"""
+    dense: bool
+    """LRC in its dense phase (`lrc.dense_after`: free student matrices); False for other methods"""
 
     @property
     def vocab_size(self) -> int:
@@ -75,6 +77,9 @@ class DistillationModel(Protocol):
     def external_params(self) -> list[Tensor]:
         """Weights the root forward reads outside their own module's forward (ZeRO-3 must fetch them)."""
 
+    def lr_scale(self, name: str) -> float:
+        """The learning rate of parameter `name` as a multiple of the schedule's."""
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The trained tensors, by parameter name: what checkpoints hold and exports start from."""
 
@@ -84,6 +89,11 @@ class DistillationModel(Protocol):
     def student_parts(self) -> Iterator[StudentPart]:
         """The student's Hugging Face tensors part by part (a layer, the embedding, the head), in
         the order an export writes them."""
+
+    def dense_parts(self) -> Iterator[StudentPart]:
+        """The tensors of the dense phase computed from the current model, part by part as
+        `student_parts` (the trainer gathers and loads them at the switch); a ValueError where
+        the method has no dense phase."""
 
     def export_extras(self) -> list[ExtraPart]:
         """What an export writes beside the HF student: (parameters, a writer taking the export

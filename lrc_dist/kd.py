@@ -88,6 +88,7 @@ class KnowledgeDistillation(nn.Module):
         self.register_buffer("student_vocab", student_ids, persistent=False)
         self.activation_checkpointing = False
         self.dual_space: DualSpaceProjector | None = None
+        self.dense = False  # no dense phase: the student is dense throughout
 
     def kd_heads(self) -> tuple[Tensor, Tensor]:
         """(student, teacher) head weights the KD terms compare: restricted to the shared
@@ -140,6 +141,13 @@ class KnowledgeDistillation(nn.Module):
         heads = [self.student.lm_head_weight]
         heads += [self.teacher.lm_head_weight] if self.teacher is not None else []
         return heads + ([self.dual_space.t2s] if self.dual_space is not None else [])
+
+    def dense_parts(self) -> Iterator[StudentPart]:
+        raise ValueError("model.lrc.dense_after is LRC's dense phase; a KD student is dense throughout.")
+
+    def lr_scale(self, name: str) -> float:
+        """The DSKD projector's own learning-rate scale; 1 for the student."""
+        return self.dual_space.lr_scale if name.startswith("dual_space.") else 1.0
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
-from lrc_dist.families import LAYER_NORMS, ModelArgs, fuse_layer
+from lrc_dist.families import LAYER_NORMS, ModelArgs, fuse_layer, layer_shapes
 from lrc_dist.interface import ExtraPart, Matmul, StudentPart
 from lrc_dist.losses import IGNORE_INDEX, LossConfig, logit_losses
 from lrc_dist.metrics import lrc_flops_per_token
@@ -44,6 +45,8 @@ from lrc_dist.model import (
 
 CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
 INPUT_SIDE = ("q", "k", "v", "gate", "up")  # student weight W_T @ P; output side (o, down) is P^T @ W_T
+MATRICES = (*INPUT_SIDE, "o", "down")  # a layer's student matrices: free parameters in the dense phase
+TARGET_PROJECTIONS = {"attn_out": "o", "ffn_out": "down"}  # the dense phase keeps these, for the clone targets
 
 
 CloneTerm = Literal["q", "k", "v", "gate", "up", "attn_out", "ffn_out"]
@@ -81,6 +84,18 @@ class LRCConfig:
     """init=random: projections ~ N(0, init_std), as in the reference"""
     clone_term_weights: dict[str, float] = field(default_factory=dict)
     """a weight per clone term; missing terms weigh 1"""
+    dense_after: float | None = None
+    """the dense phase ("Train What You Deploy"): after this many steps (>= 1), or this fraction of
+    `steps` (< 1; 0: from the start), every student matrix (q, k, v, o, gate, up, down, embedding,
+    head) becomes a free parameter, initialised to its W_T @ P (P^T @ W_T) of that moment, and
+    trains from there. The clone terms stay: the attention and FFN targets are still mapped
+    through P_o and P_down (dense_projections); the other projections are dropped. The switch
+    rebuilds the model and a fresh optimizer (the teacher is read again); null: LRC throughout"""
+    dense_projections: Literal["train", "freeze"] = "train"
+    """the dense phase's P_o and P_down, which map the attention/FFN clone targets: train (on the
+    clone terms alone) or freeze"""
+    dense_lr_scale: float = 1.0
+    """the dense phase: the student matrices' learning rate is the schedule's times this"""
 
     def __post_init__(self):
         self.clone_terms = tuple(self.clone_terms)
@@ -91,6 +106,21 @@ class LRCConfig:
             raise ValueError(f"lrc.attn_out_space={self.attn_out_space!r}; use 'student' or 'teacher'.")
         if self.init not in INITS:
             raise ValueError(f"lrc.init={self.init!r}; use one of {', '.join(INITS)}.")
+        if self.dense_after is not None:
+            if self.dense_after < 0 or (self.dense_after >= 1 and self.dense_after != int(self.dense_after)):
+                raise ValueError(f"lrc.dense_after={self.dense_after}: use a step count (a whole number >= 1), a "
+                                 f"fraction of the steps in [0, 1), or null for no dense phase.")
+            if self.attn_out_space == "teacher":
+                raise ValueError("lrc.dense_after: the dense phase compares the attention output in the student's "
+                                 "space; set lrc.attn_out_space=student.")
+        if self.dense_projections not in ("train", "freeze"):
+            raise ValueError(f"lrc.dense_projections={self.dense_projections!r}; use 'train' or 'freeze'.")
+
+    def dense_step(self, steps: int) -> int | None:
+        """The step after which the dense phase starts (`dense_after` of a run of `steps`), or None."""
+        if self.dense_after is None:
+            return None
+        return round(self.dense_after * steps) if self.dense_after < 1 else int(self.dense_after)
 
     def projection_name(self, matrix: str) -> str:
         """The projection a matrix uses: its own, or the shared one of the IO variants."""
@@ -141,10 +171,43 @@ class LowRankBlock(nn.Module):
             add_parameter(self, hf, nn.Parameter(torch.full((d_s,), student_args.family.norm_init)))
         self.activation_checkpointing = False
         self.generation_matmul: Matmul = torch.matmul  # see LowRankClone.set_generation_matmul
+        self.dense: nn.ParameterDict | None = None  # the dense phase's student matrices (`densify`)
 
     def p(self, matrix: str) -> Tensor:
-        """The projection of `matrix`, in the teacher's dtype (trainable tensors stay fp32 masters)."""
-        return self.proj[self.cfg.projection_name(matrix)].to(self.teacher_dtype)
+        """The projection of `matrix`, in the teacher's dtype (trainable tensors stay fp32 masters);
+        in the dense phase a frozen one is a buffer of `frozen_proj`."""
+        name = self.cfg.projection_name(matrix)
+        p = self.proj[name] if name in self.proj else self.frozen_proj.get_buffer(name)
+        return p.to(self.teacher_dtype)
+
+    def kept_projections(self) -> list[str]:
+        """The projections the dense phase keeps: those mapping a clone target it computes."""
+        return [m for term, m in TARGET_PROJECTIONS.items() if term in self.cfg.clone_terms]
+
+    def dense_state(self) -> dict[str, Tensor]:
+        """This block's tensors in the dense phase, by their names there, from its LRC weights now:
+        the matrices (`dense.q`, ...: W_T @ P in the parameters' dtype), the student norms and the
+        kept projections (`proj.o` when they train, `frozen_proj.o` when frozen)."""
+        w = self.student_weights()
+        state = {f"dense.{m}": w[m] for m in MATRICES}
+        state.update({hf: get_parameter(self, hf) for hf in self.norm_names.values()})
+        where = "proj" if self.cfg.dense_projections == "train" else "frozen_proj"
+        state.update({f"{where}.{m}": self.proj[m] for m in self.kept_projections()})
+        return state
+
+    def densify(self) -> None:
+        """Switch to the dense phase's parameters: the student matrices become parameters (zeros
+        here: `LowRankClone.densify` fills them), the projections not kept are dropped, the kept ones
+        become buffers when `dense_projections=freeze`."""
+        shapes = layer_shapes(self.student_args)
+        self.dense = nn.ParameterDict({m: nn.Parameter(torch.zeros(shapes[m])) for m in MATRICES})
+        kept = self.kept_projections()
+        self.frozen_proj = nn.Module()
+        if self.cfg.dense_projections == "freeze":
+            for m in kept:
+                self.frozen_proj.register_buffer(m, self.proj[m].detach().clone())
+            kept = []
+        self.proj = nn.ParameterDict({m: self.proj[m] for m in kept})
 
     @property
     def teacher_dtype(self) -> torch.dtype:
@@ -153,9 +216,13 @@ class LowRankBlock(nn.Module):
     def student_weights(self, matmul: Matmul = torch.matmul, generate_o: bool = True) -> Weights:
         """The generated weights: W_T @ P, and P^T @ W_T = (W_T^T @ P)^T for o and down; biases and
         q/k-norms (per head) stay the teacher's. `generate_o=False` keeps the teacher's o (the
-        attention output compared in the teacher's space)."""
+        attention output compared in the teacher's space). In the dense phase: the free matrices."""
         t = self.teacher.weights()
         w = dict(t)
+        if self.dense is not None:
+            w.update({m: d.to(self.teacher_dtype) for m, d in self.dense.items()})
+            w.update({n: get_parameter(self, hf) for n, hf in self.norm_names.items()})
+            return w
         w.update({m: matmul(t[m], self.p(m)) for m in INPUT_SIDE})
         w.update({m: matmul(t[m].T, self.p(m)).T for m in ("o", "down") if generate_o or m != "o"})
         w.update({n: get_parameter(self, hf) for n, hf in self.norm_names.items()})
@@ -239,6 +306,7 @@ class LowRankClone(nn.Module):
         self.dual_space: DualSpaceProjector | None = None
         self.generation_matmul: Matmul = torch.matmul
         self.generation_ranks = 1  # devices sharing the generation (for the FLOP count)
+        self.dense = False  # the dense phase (`densify`): free student matrices instead of W_T @ P
 
     def set_generation_matmul(self, matmul: Matmul, ranks: int = 1) -> None:
         """How the training forward generates the student weights; `ranks` devices share the work
@@ -286,6 +354,9 @@ class LowRankClone(nn.Module):
         return self.teacher_embed.weight if self.teacher_args.tie_word_embeddings else self.teacher_lm_head.weight
 
     def student_head_weight(self, matmul: Matmul = torch.matmul) -> Tensor:
+        if self.dense:
+            head = self.embed_dense if self.teacher_args.tie_word_embeddings else self.lm_head_dense
+            return head.to(self.teacher_embed.weight.dtype)
         proj = self.embed_proj if self.teacher_args.tie_word_embeddings else self.lm_head_proj
         teacher = self.teacher_head_weight()
         return matmul(teacher, proj.to(teacher.dtype))
@@ -304,8 +375,10 @@ class LowRankClone(nn.Module):
         """Teacher and student side by side through all layers; no loss."""
         with torch.no_grad():
             e = self.teacher_embed(input_ids)
-        # Gather rows first: (tokens x d_T) @ P instead of materialising the (vocab x d_S) embedding.
-        h_s = e @ self.embed_proj.to(e.dtype)
+        if self.dense:
+            h_s = F.embedding(input_ids, self.embed_dense).to(e.dtype)
+        else:  # gather rows first: (tokens x d_T) @ P instead of materialising the (vocab x d_S) embedding
+            h_s = e @ self.embed_proj.to(e.dtype)
         # A scaled embedding (Gemma: sqrt(width)) scales each model by its own width, as its export does.
         h_t, h_s = self.teacher_args.scale_embeddings(e), self.student_args().scale_embeddings(h_s)
         ctx = Context.of(self.rotary, self.teacher_args, input_ids, h_s.dtype, self.document_eos)
@@ -327,8 +400,9 @@ class LowRankClone(nn.Module):
 
     def flops_per_token(self, seq_len: int, tokens_per_forward: int) -> float:
         """Model FLOPs of one trained token on one device (metrics.lrc_flops_per_token)."""
+        dense = (self.cfg.dense_projections, self.layers[0].kept_projections()) if self.dense else None
         return lrc_flops_per_token(self.teacher_args, self.cfg.student_hidden_size, seq_len, tokens_per_forward,
-                                   self.generation_ranks)
+                                   self.generation_ranks, dense)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         for block in self.layers:
@@ -343,7 +417,64 @@ class LowRankClone(nn.Module):
         return [self.teacher_embed.weight, self.teacher_head_weight(), *dual_space]
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        """The trainable parameters, and in the dense phase the frozen target projections (buffers,
+        saved with them)."""
+        state = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        state.update({n: b for n, b in self.named_buffers() if ".frozen_proj." in f".{n}"})
+        return state
+
+    # ---- the dense phase ---------------------------------------------------------------------------
+
+    def dense_parts(self) -> Iterator[StudentPart]:
+        """The tensors of the dense phase (`densify`), under their names there, computed from this
+        LRC model part by part, in the parameters' dtype: the embedding (W_T @ P) with the final norm,
+        each block (`LowRankBlock.dense_state`), the head, the DSKD projector. Like `student_parts`:
+        a sharded model is gathered one part at a time (train.switch_to_dense)."""
+        if self.dense:
+            raise ValueError("the model is in its dense phase already")
+        yield ["teacher_embed.weight", "embed_proj", "norm.weight"], lambda: {
+            "embed_dense": self.teacher_embed.weight @ self.embed_proj.to(self.teacher_embed.weight.dtype),
+            "norm.weight": self.norm.weight}
+        for i, block in enumerate(self.layers):
+            yield [n for n, _ in block.named_parameters(prefix=f"layers.{i}")], functools.partial(
+                lambda i, block: {f"layers.{i}.{k}": v for k, v in block.dense_state().items()}, i, block)
+        if not self.teacher_args.tie_word_embeddings:
+            yield ["teacher_lm_head.weight", "lm_head_proj"], lambda: {"lm_head_dense": self.student_head_weight()}
+        if self.dual_space is not None:
+            names = [f"dual_space.{n}" for n, _ in self.dual_space.named_parameters()]
+            yield names, lambda: {f"dual_space.{n}": p for n, p in self.dual_space.named_parameters()}
+
+    def densify(self, state: dict[str, Tensor] | None = None) -> None:
+        """Enter the dense phase: the student's matrices become free parameters, set from `state`
+        (what `dense_parts` computed, e.g. gathered from a sharded model), or from this model's
+        own W_T @ P when None; with `state={}` they stay zeros (a trained state is loaded next)."""
+        if state is None:
+            with torch.no_grad():
+                state = {k: v.float().clone() for _, part in self.dense_parts() for k, v in part().items()}
+        vocab, d_s = self.teacher_args.vocab_size, self.cfg.student_hidden_size
+        for block in self.layers:
+            block.densify()
+        self.embed_dense = nn.Parameter(torch.zeros(vocab, d_s))
+        del self.embed_proj
+        if not self.teacher_args.tie_word_embeddings:
+            self.lm_head_dense = nn.Parameter(torch.zeros(vocab, d_s))
+            del self.lm_head_proj
+        self.dense = True
+        if state:
+            expected = self.trainable_state_dict()
+            if set(state) != set(expected):
+                raise ValueError(f"densify: the state does not fit: missing {sorted(set(expected) - set(state))[:5]}, "
+                                 f"extra {sorted(set(state) - set(expected))[:5]}")
+            self.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+
+    def lr_scale(self, name: str) -> float:
+        """The learning rate of parameter `name` as a multiple of the schedule's: the DSKD projector's
+        own, lrc.dense_lr_scale for the dense phase's student matrices, else 1."""
+        if name.startswith("dual_space."):
+            return self.dual_space.lr_scale
+        if name in ("embed_dense", "lm_head_dense") or ".dense." in name:
+            return self.cfg.dense_lr_scale
+        return 1.0
 
     # ---- the student as an ordinary model --------------------------------------------------------
 
@@ -367,21 +498,27 @@ class LowRankClone(nn.Module):
         student = self.student_args()
 
         def embedding() -> dict[str, Tensor]:
+            if self.dense:
+                return {"model.embed_tokens.weight": self.embed_dense, "model.norm.weight": self.norm.weight}
             w = self.teacher_embed.weight
             return {"model.embed_tokens.weight": w @ self.embed_proj.to(w.dtype), "model.norm.weight": self.norm.weight}
 
         def layer(i: int) -> dict[str, Tensor]:
             return {f"model.layers.{i}.{hf}": t for hf, t in fuse_layer(student, self.layers[i].student_weights()).items()}
 
-        yield ["teacher_embed.weight", "embed_proj", "norm.weight"], embedding
+        head = ["lm_head_dense"] if self.dense else ["teacher_lm_head.weight", "lm_head_proj"]
+        yield (["embed_dense", "norm.weight"] if self.dense else ["teacher_embed.weight", "embed_proj", "norm.weight"]
+               ), embedding
         for i, block in enumerate(self.layers):
             yield [n for n, _ in block.named_parameters(prefix=f"layers.{i}")], functools.partial(layer, i)
         if not self.teacher_args.tie_word_embeddings:
-            yield ["teacher_lm_head.weight", "lm_head_proj"], lambda: {"lm_head.weight": self.student_head_weight()}
+            yield head, lambda: {"lm_head.weight": self.student_head_weight()}
 
     def export_extras(self) -> list[ExtraPart]:
         """An LRC export also holds the trainable state (`save_lrc`, in `lrc/` of the export dir)."""
-        return [(list(self.trainable_state_dict()), lambda out, teacher: save_lrc(self, out / "lrc", teacher))]
+        # the dense phase's frozen projections are buffers, never sharded: only parameters are gathered
+        trained = [n for n, p in self.named_parameters() if p.requires_grad]
+        return [(trained, lambda out, teacher: save_lrc(self, out / "lrc", teacher))]
 
 
 def lrc_loss(
@@ -421,7 +558,7 @@ def save_lrc(model: LowRankClone, path: str | Path, teacher_path: str | Path) ->
     state = {k: v.contiguous() for k, v in model.trainable_state_dict().items() if not k.startswith("dual_space.")}
     save_file(state, str(path / LRC_WEIGHTS_FILE))
     meta = {"teacher": str(Path(teacher_path).resolve()), "teacher_fingerprint": teacher_fingerprint(teacher_path),
-            "lrc": asdict(model.cfg)}
+            "lrc": asdict(model.cfg), "dense": model.dense}
     (path / LRC_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -448,6 +585,8 @@ def load_lrc(path: str | Path, teacher_path: str | Path | None = None, dtype: to
     teacher = teacher_path or meta["teacher"]
     check_teacher(teacher, meta.get("teacher_fingerprint"), path / LRC_CONFIG_FILE)
     model = LowRankClone(CausalLM.from_pretrained(teacher, dtype=dtype), LRCConfig(**meta["lrc"]))
+    if meta.get("dense"):
+        model.densify({})
     try:
         state = {k: v.to(dtype) for k, v in load_file(str(path / LRC_WEIGHTS_FILE)).items()}
     except (SafetensorError, FileNotFoundError) as e:

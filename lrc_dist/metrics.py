@@ -20,7 +20,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "H20": 148e12
 
 
 def lrc_flops_per_token(args: ModelArgs, d_s: int, seq_len: int, tokens_per_forward: int,
-                        generation_ranks: int = 1) -> float:
+                        generation_ranks: int = 1, dense: tuple[str, list[str]] | None = None) -> float:
     """Model FLOPs of one trained token on one device (activation recompute not counted, as MFU
     conventionally).
 
@@ -28,11 +28,18 @@ def lrc_flops_per_token(args: ModelArgs, d_s: int, seq_len: int, tokens_per_forw
     every student weight W_T @ P once per forward (and its gradient for P), split over
     `generation_ranks` devices (`LowRankClone.set_generation_matmul`), and mapping embeddings and the
     attention/FFN clone targets through P.
+
+    In the dense phase, `dense` = (lrc.dense_projections, the kept projections: o and/or down):
+    no generation; the kept projections map their clone targets (forward, and dP when they train).
     """
     q, kv, inter, d_t, vocab, layers = (args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim,
                                         args.intermediate_size, args.hidden_size, args.vocab_size, args.num_layers)
     teacher = forward_flops_per_token(args, seq_len)
     student = 3 * forward_flops_per_token(replace(args, hidden_size=d_s), seq_len)
+    if dense is not None:
+        projections, kept = dense
+        per_target = (4 if projections == "train" else 2) * d_t * d_s
+        return teacher + student + per_target * len(kept) * layers
     per_token_projection = 4 * d_t * d_s * (1 + 2 * layers)  # embedding, o and down clone targets: fwd + dP
     weight_generation = 4 * d_t * d_s * (layers * (2 * q + 2 * kv + 3 * inter) + vocab)  # per forward
     return teacher + student + per_token_projection + weight_generation / (tokens_per_forward * generation_ranks)

@@ -73,16 +73,16 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; a group's `lr_scale` multiplies the schedule's lr
-    (the DSKD projector's, `dskd.projector_lr_scale`; every other parameter's is 1)."""
+def adamw(model: DistillationModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, a group per learning-rate scale (`model.lr_scale`: the
+    DSKD projector's, LRC's dense-phase matrices'; the rest 1), which multiplies the schedule's lr."""
     o = cfg.optim
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    projector = [p for n, p in named if n.startswith("dual_space.")]
-    groups = [{"params": [p for n, p in named if not n.startswith("dual_space.")], "lr_scale": 1.0}]
-    if projector:
-        groups.append({"params": projector, "lr_scale": model.dual_space.lr_scale})
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(model.lr_scale(name), []).append(p)
+    return torch.optim.AdamW([{"params": params, "lr_scale": scale} for scale, params in groups.items()],
+                             lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
 def set_lr(optimizer, lr: float) -> None:
@@ -106,6 +106,10 @@ class TorchBackend:
         self.params = trainable(model)
         self.optimizer = adamw(model, cfg)
         self.state_options = StateDictOptions(ignore_frozen_params=True)  # the teacher is never saved
+
+    def close(self) -> None:
+        """Drop the model and optimizer before another backend is built (the dense phase's switch)."""
+        self.model = self.optimizer = self.params = None
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -236,6 +240,11 @@ class DeepSpeedBackend:
         optimizer = adamw(model, cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine
+
+    def close(self) -> None:
+        """Release the engine (its hooks and partitions) before another backend is built."""
+        self.engine.destroy()
+        self.engine = self.model = self.optimizer = None
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised globally

@@ -51,6 +51,17 @@ def problems(cfg: TrainConfig, world_size: int) -> list[str]:
                      f"generates none: set it to false")
     if cfg.model.method == "lm" and cfg.loss.dskd_weight:
         found.append("loss.dskd_weight needs a teacher; model.method=lm has none: set it to 0 or use kd/lrc")
+    lrc = cfg.model.lrc
+    if lrc.dense_after is not None:
+        at = lrc.dense_step(cfg.steps)
+        if cfg.model.method != "lrc":
+            found.append(f"model.lrc.dense_after is LRC's dense phase; model.method={cfg.model.method} trains dense "
+                         f"matrices throughout: set it to null")
+        elif at >= cfg.steps:
+            found.append(f"model.lrc.dense_after={lrc.dense_after}: the dense phase would start after step {at} of a "
+                         f"run of {cfg.steps} steps, i.e. never: use a smaller value, or null for no dense phase")
+    if lrc.dense_lr_scale < 0:
+        found.append(f"model.lrc.dense_lr_scale={lrc.dense_lr_scale} must not be negative")
     if cfg.data.document_mask and cfg.model.cross_tokenizer():
         found.append("data.document_mask is not supported across tokenizers yet (the teacher reads a re-tokenized "
                      "window): set it to false")

@@ -15,6 +15,7 @@ at the next step boundary with a checkpoint (exit 75); a bad-step streak never w
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -33,7 +34,7 @@ from lrc_dist.cluster import EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEM
     die_with_launcher, lock_run_dir
 from lrc_dist.config import ConfigError, TrainConfig, parse_args, resume_changes, to_dict
 from lrc_dist.data import DistributedBatches
-from lrc_dist.export import export_run
+from lrc_dist.export import export_run, full_parameters, load_trained
 from lrc_dist.interface import DistillationModel
 from lrc_dist.lrc import check_teacher
 from lrc_dist.metrics import (AgreementWatch, MetricsLogger, add_to_interval, human, interval_means, memory_gb,
@@ -145,10 +146,15 @@ def export_to(path: Path, model: DistillationModel, backend, cfg: TrainConfig, i
     dist.barrier()
 
 
+def parameter_counts(model: DistillationModel) -> tuple[int, int]:
+    """(trainable, frozen) parameters of the model, also when ZeRO-3 has partitioned it."""
+    params = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, t in params if t), sum(n for n, t in params if not t)
+
+
 def startup_summary(cfg: TrainConfig, model: DistillationModel, backend, info: DistInfo, grad_accum: int, step: int) -> str:
     """What this run is, in a few lines, before its first step."""
-    params = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: partitioned
-    trainable, frozen = sum(n for n, t in params if t), sum(n for n, t in params if not t)
+    trainable, frozen = parameter_counts(model)
     tokens = cfg.global_batch_size * cfg.data.seq_len
     m, p = cfg.model, cfg.parallel
     width = f", student width {m.lrc.student_hidden_size}" if m.method == "lrc" else ""
@@ -161,7 +167,43 @@ def startup_summary(cfg: TrainConfig, model: DistillationModel, backend, info: D
         f"  backend {p.backend}, {backend.placement}, activation checkpointing {'on' if p.activation_checkpointing else 'off'}"
         f"{', sharded weight generation' if p.shard_generation and m.method == 'lrc' else ''}",
         f"  {cfg.steps:,} steps ({human(cfg.steps * tokens)} tokens), {start}; run dir {cfg.checkpoint.dir}",
+        *dense_summary(cfg, model),
     ])
+
+
+def dense_summary(cfg: TrainConfig, model: DistillationModel) -> list[str]:
+    at = dense_step(cfg)
+    if at is None:
+        return []
+    if model.dense:
+        return ["  dense phase: the student's matrices are free parameters"]
+    return [f"  dense phase after step {at:,} (lrc.dense_after): the student's matrices become free parameters; "
+            f"P_o, P_down {'train' if cfg.model.lrc.dense_projections == 'train' else 'frozen'}"]
+
+
+def dense_step(cfg: TrainConfig) -> int | None:
+    """The step after which LRC's dense phase starts (lrc.dense_after), or None."""
+    return cfg.model.lrc.dense_step(cfg.steps) if cfg.model.method == "lrc" else None
+
+
+def dense_state(model: DistillationModel, backend) -> dict[str, torch.Tensor]:
+    """The dense phase's tensors (`LowRankClone.dense_parts`) computed from the LRC model being
+    trained, in fp32 on CPU, on every rank; a sharded model is gathered one part at a time, as an
+    export gathers it (collective). Memory: the full student in fp32 on each rank's host."""
+    state: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for names, part in model.dense_parts():
+            with full_parameters(model, backend.gathered, names, True):
+                state.update({k: v.to("cpu", torch.float32, copy=True) for k, v in part().items()})
+    return state
+
+
+def dense_model(cfg: TrainConfig, info: DistInfo, grad_accum: int, state: dict[str, torch.Tensor]):
+    """(model, backend) of the dense phase, from the tensors `dense_state` computed: the teacher read
+    again, a fresh optimizer (Adam's moments restart at the switch)."""
+    model = build_model(cfg, device=info.device, trained=True, dense=True)
+    load_trained(model, state)
+    return model, build_backend(model, cfg, info, grad_accum)
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
@@ -180,13 +222,16 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
     run_dir = Path(cfg.checkpoint.dir)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, info.is_main)
     resume_from = checkpointer.resumable() if cfg.checkpoint.resume else None
+    written = read_train_state(resume_from) if resume_from is not None else {}
     if resume_from is not None:
-        check_resume(read_train_state(resume_from), resume_from, cfg, info)
+        check_resume(written, resume_from, cfg, info)
 
-    model = build_model(cfg, device=info.device, trained=resume_from is not None)  # a resume computes no init
+    # a resume computes no init; a checkpoint of the dense phase holds that phase's tensors
+    model = build_model(cfg, device=info.device, trained=resume_from is not None, dense=written.get("dense", False))
     fingerprint = teacher_fingerprint(cfg.model.teacher) if cfg.model.method != "lm" else None
     backend = build_backend(model, cfg, info, grad_accum)
-    state = {"step": 0, "consumed_samples": 0, "bad_steps": 0, "recent_losses": [], "interval": new_interval()}
+    state = {"step": 0, "consumed_samples": 0, "bad_steps": 0, "recent_losses": [], "interval": new_interval(),
+             "dense": False}
     history: dict[str, float] = {}  # the last logged record
     if resume_from is not None:
         saved = checkpointer.load(resume_from, backend)
@@ -209,10 +254,30 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
     if info.is_main:
         print(startup_summary(cfg, model, backend, info, grad_accum, state["step"]), flush=True)
     tick, tick_step, saved_at = time.perf_counter(), state["step"], time.monotonic()
+    interval_flops = 0.0  # model FLOPs since the last log (the dense phase changes the count per token)
     agreement = AgreementWatch()
     last = min(cfg.steps, cfg.stop_at or cfg.steps)
+    dense_at = dense_step(cfg)
     try:
         while state["step"] < last:
+            if dense_at is not None and not state["dense"] and state["step"] >= dense_at:
+                began, before = time.perf_counter(), parameter_counts(model)[0]
+                tensors = dense_state(model, backend)
+                backend.close()
+                del model, backend  # the LRC model goes before the dense one is built
+                gc.collect()
+                if info.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                model, backend = dense_model(cfg, info, grad_accum, tensors)
+                del tensors
+                model_flops = model.flops_per_token(cfg.data.seq_len, tokens_per_forward)
+                state["dense"] = True
+                took = time.perf_counter() - began
+                tick += took  # the switch is no training time
+                if info.is_main:
+                    print(f"step {state['step']}: dense phase: the student's matrices are free parameters from here "
+                          f"({human(parameter_counts(model)[0])} trainable, {human(before)} before); switched in "
+                          f"{took:.1f} s", flush=True)
             step = state["step"] + 1  # the step being taken
             lr = lr_at(step - 1, cfg)
             backend.set_lr(lr)
@@ -220,6 +285,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
             bad, grad_norm, sums = take_step(backend, micro, cfg, info, state, cross_tokenizer)
             state["step"] = step
             state["consumed_samples"] += cfg.global_batch_size
+            interval_flops += grad_accum * tokens_per_forward * model_flops
             if bad:
                 state["bad_steps"] += 1
                 state["interval"]["skipped"] += 1
@@ -237,14 +303,14 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
                 tps = (step - tick_step) * grad_accum * tokens_per_forward / elapsed
                 history = {**interval_means(state["interval"]), "lr": lr, "step_time_s": step_time,
                            "eta_s": (last - step) * step_time, "tokens_seen": state["consumed_samples"] * cfg.data.seq_len,
-                           "tokens_per_s_per_device": tps, "mfu": tps * model_flops / peak if peak else None,
+                           "tokens_per_s_per_device": tps, "mfu": interval_flops / elapsed / peak if peak else None,
                            "memory_gb": memory_gb(info.device)}
                 logger.log(step, history, cfg.steps)
                 warning = agreement.update(history.get("dskd/agree"))
                 if warning and info.is_main:
                     print(warning, flush=True)
                 state["interval"] = new_interval(state["interval"])
-                tick, tick_step = time.perf_counter(), step
+                tick, tick_step, interval_flops = time.perf_counter(), step, 0.0
             if state["bad_steps"] >= cfg.max_bad_steps:
                 good = checkpointer.latest()
                 where = f"resume from {good}, the last checkpoint before the streak," if good else "start afresh"

@@ -13,9 +13,11 @@ from lrc_dist.export import atomic_dir, load_trained, model_card, read_trained_t
 from lrc_dist.lrc import save_lrc
 
 
-def export_from_disk(cfg: TrainConfig, tensors: dict[str, torch.Tensor], out: Path, summary: dict) -> Path:
-    """What `export_run(cfg, tensors, out, summary)` wrote: `out/hf` and, for LRC, `out/lrc`."""
-    model = load_trained(build_model(cfg, dtype=torch.float32), tensors)
+def export_from_disk(cfg: TrainConfig, tensors: dict[str, torch.Tensor], out: Path, summary: dict,
+                     dense: bool = False) -> Path:
+    """What `export_run(cfg, tensors, out, summary)` wrote: `out/hf` and, for LRC, `out/lrc`
+    (`dense`: of LRC's dense phase)."""
+    model = load_trained(build_model(cfg, dtype=torch.float32, trained=True, dense=dense), tensors)
     with atomic_dir(out) as tmp:
         if cfg.model.method == "lrc":
             save_lrc(model, tmp / "lrc", cfg.model.teacher)
@@ -32,10 +34,11 @@ def assert_export_as_from_disk(run_dir: Path, step: int, scratch: Path) -> None:
     path = Path(run_dir) / f"step_{step:08d}"
     saved = read_train_state(path)
     cfg = config_of(saved["config"], str(path))
-    tensors = read_trained_tensors(path, build_model(cfg, dtype=torch.float32))
+    dense = saved.get("dense", False)
+    tensors = read_trained_tensors(path, build_model(cfg, dtype=torch.float32, trained=True, dense=dense))
     summary = {"method": cfg.model.method, "step": saved["step"], "steps": cfg.steps, "metrics": saved["metrics"],
                "tokens": saved["consumed_samples"] * cfg.data.seq_len}
-    want = export_from_disk(cfg, tensors, Path(scratch) / f"from_disk_{step}", summary)
+    want = export_from_disk(cfg, tensors, Path(scratch) / f"from_disk_{step}", summary, dense)
     got = Path(run_dir) / f"export_{step:08d}"
     files = sorted(str(p.relative_to(want)) for p in want.rglob("*") if p.is_file())
     assert files == sorted(str(p.relative_to(got)) for p in got.rglob("*") if p.is_file())
