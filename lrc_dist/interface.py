@@ -77,8 +77,8 @@ class DistillationModel(Protocol):
     def external_params(self) -> list[Tensor]:
         """Weights the root forward reads outside their own module's forward (ZeRO-3 must fetch them)."""
 
-    def lr_scale(self, name: str) -> float:
-        """The learning rate of parameter `name` as a multiple of the schedule's."""
+    def param_group(self, name: str) -> tuple[str, float]:
+        """(optimizer group, learning rate as a multiple of the schedule's) of parameter `name`."""
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The trained tensors, by parameter name: what checkpoints hold and exports start from."""

@@ -145,9 +145,9 @@ class KnowledgeDistillation(nn.Module):
     def dense_parts(self) -> Iterator[StudentPart]:
         raise ValueError("model.lrc.dense_after is LRC's dense phase; a KD student is dense throughout.")
 
-    def lr_scale(self, name: str) -> float:
-        """The DSKD projector's own learning-rate scale; 1 for the student."""
-        return self.dual_space.lr_scale if name.startswith("dual_space.") else 1.0
+    def param_group(self, name: str) -> tuple[str, float]:
+        """(optimizer group, learning-rate scale): the DSKD projector's own; 1 for the student."""
+        return ("dual_space", self.dual_space.lr_scale) if name.startswith("dual_space.") else ("base", 1.0)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}

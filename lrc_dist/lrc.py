@@ -429,7 +429,7 @@ class LowRankClone(nn.Module):
         """The tensors of the dense phase (`densify`), under their names there, computed from this
         LRC model part by part, in the parameters' dtype: the embedding (W_T @ P) with the final norm,
         each block (`LowRankBlock.dense_state`), the head, the DSKD projector. Like `student_parts`:
-        a sharded model is gathered one part at a time (train.switch_to_dense)."""
+        a sharded model is gathered one part at a time (train.dense_state)."""
         if self.dense:
             raise ValueError("the model is in its dense phase already")
         yield ["teacher_embed.weight", "embed_proj", "norm.weight"], lambda: {
@@ -452,12 +452,16 @@ class LowRankClone(nn.Module):
             with torch.no_grad():
                 state = {k: v.float().clone() for _, part in self.dense_parts() for k, v in part().items()}
         vocab, d_s = self.teacher_args.vocab_size, self.cfg.student_hidden_size
-        for block in self.layers:
-            block.densify()
-        self.embed_dense = nn.Parameter(torch.zeros(vocab, d_s))
+        # Given a state, the new matrices are its tensors (assigned, not copied into a second
+        # allocation: at 7B the student is 16 GiB in fp32); else zeros, for a state loaded next.
+        with torch.device("meta" if state else self.embed_proj.device):
+            for block in self.layers:
+                block.densify()
+            self.embed_dense = nn.Parameter(torch.zeros(vocab, d_s))
+            if not self.teacher_args.tie_word_embeddings:
+                self.lm_head_dense = nn.Parameter(torch.zeros(vocab, d_s))
         del self.embed_proj
         if not self.teacher_args.tie_word_embeddings:
-            self.lm_head_dense = nn.Parameter(torch.zeros(vocab, d_s))
             del self.lm_head_proj
         self.dense = True
         if state:
@@ -465,16 +469,17 @@ class LowRankClone(nn.Module):
             if set(state) != set(expected):
                 raise ValueError(f"densify: the state does not fit: missing {sorted(set(expected) - set(state))[:5]}, "
                                  f"extra {sorted(set(state) - set(expected))[:5]}")
-            self.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+            # contiguous: o and down come as transposes, and FSDP2 shards only contiguous parameters
+            self.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, strict=False, assign=True)
 
-    def lr_scale(self, name: str) -> float:
-        """The learning rate of parameter `name` as a multiple of the schedule's: the DSKD projector's
-        own, lrc.dense_lr_scale for the dense phase's student matrices, else 1."""
+    def param_group(self, name: str) -> tuple[str, float]:
+        """(optimizer group, learning rate as a multiple of the schedule's) of parameter `name`: the
+        DSKD projector's own scale, lrc.dense_lr_scale for the dense phase's student matrices, else 1."""
         if name.startswith("dual_space."):
-            return self.dual_space.lr_scale
+            return "dual_space", self.dual_space.lr_scale
         if name in ("embed_dense", "lm_head_dense") or ".dense." in name:
-            return self.cfg.dense_lr_scale
-        return 1.0
+            return "dense", self.cfg.dense_lr_scale
+        return "base", 1.0
 
     # ---- the student as an ordinary model --------------------------------------------------------
 

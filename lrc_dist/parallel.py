@@ -74,15 +74,15 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def adamw(model: DistillationModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, a group per learning-rate scale (`model.lr_scale`: the
-    DSKD projector's, LRC's dense-phase matrices'; the rest 1), which multiplies the schedule's lr."""
+    """AdamW over the trainable parameters, a group per `model.param_group` (the student; the DSKD
+    projector; LRC's dense-phase matrices), whose `lr_scale` multiplies the schedule's lr."""
     o = cfg.optim
-    groups: dict[float, list[nn.Parameter]] = {}
+    groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault(model.lr_scale(name), []).append(p)
-    return torch.optim.AdamW([{"params": params, "lr_scale": scale} for scale, params in groups.items()],
-                             lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+            group, scale = model.param_group(name)
+            groups.setdefault(group, {"params": [], "lr_scale": scale})["params"].append(p)
+    return torch.optim.AdamW(list(groups.values()), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
 def set_lr(optimizer, lr: float) -> None:
@@ -98,10 +98,11 @@ class TorchBackend:
         model.set_activation_checkpointing(cfg.parallel.activation_checkpointing)
         model.to(info.device)
         self.placement = "one process, nothing sharded"  # for the start-up summary
+        self.generation_group = None
         if cfg.parallel.backend == "fsdp":
             replicated = shard_fsdp(model, cfg, info)
             self.placement = f"trainable state sharded, teacher {'replicated' if replicated else 'sharded'}"
-            maybe_shard_generation(model, cfg, info)
+            self.generation_group = maybe_shard_generation(model, cfg, info)
         self.model = model
         self.params = trainable(model)
         self.optimizer = adamw(model, cfg)
@@ -110,6 +111,7 @@ class TorchBackend:
     def close(self) -> None:
         """Drop the model and optimizer before another backend is built (the dense phase's switch)."""
         self.model = self.optimizer = self.params = None
+        close_group(self.generation_group)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -188,12 +190,20 @@ def sharded_matmul(x: torch.Tensor, p: torch.Tensor, group: dist.ProcessGroup) -
     return full if full.shape[0] == x.shape[0] else full[: x.shape[0]]
 
 
-def maybe_shard_generation(model: DistillationModel, cfg: TrainConfig, info: DistInfo) -> None:
+def maybe_shard_generation(model: DistillationModel, cfg: TrainConfig, info: DistInfo) -> dist.ProcessGroup | None:
     """`parallel.shard_generation`: the ranks share out LRC's weight generation, on a process group
-    of their own (every rank creates it, in the same order)."""
-    if cfg.parallel.shard_generation and info.world_size > 1:
+    of their own (every rank creates it, in the same order); returns it. Not in LRC's dense
+    phase, which generates no weights."""
+    if cfg.parallel.shard_generation and info.world_size > 1 and not model.dense:
         group = dist.new_group()
         model.set_generation_matmul(functools.partial(sharded_matmul, group=group), info.world_size)
+        return group
+    return None
+
+
+def close_group(group: dist.ProcessGroup | None) -> None:
+    if group is not None:
+        dist.destroy_process_group(group)
 
 
 def shard_fsdp(model: DistillationModel, cfg: TrainConfig, info: DistInfo) -> bool:
@@ -236,7 +246,7 @@ class DeepSpeedBackend:
             set_z3_leaf_modules(model, list(model.leaf_module_classes))
             for weight in model.external_params():
                 deepspeed.zero.register_external_parameter(model, weight)
-        maybe_shard_generation(model, cfg, info)
+        self.generation_group = maybe_shard_generation(model, cfg, info)
         optimizer = adamw(model, cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine
@@ -245,6 +255,7 @@ class DeepSpeedBackend:
         """Release the engine (its hooks and partitions) before another backend is built."""
         self.engine.destroy()
         self.engine = self.model = self.optimizer = None
+        close_group(self.generation_group)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised globally
@@ -277,12 +288,19 @@ class DeepSpeedBackend:
     @contextlib.contextmanager
     def gathered(self, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
         """{name: full value} of the module's parameters `names` (ZeRO-3's partitions gathered on every
-        rank: every rank calls, with the same names), on their device and in their dtype."""
+        rank: every rank calls, with the same names). A trainable one is its fp32 master (in bf16
+        DeepSpeed casts the module's copy, which would round what an export or the dense phase's
+        switch starts from), as FSDP2 gives it; a frozen one is the module's, in its dtype."""
         import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
 
         params = dict(self.engine.module.named_parameters())
         with deepspeed.zero.GatheredParameters([params[n] for n in names], modifier_rank=None), torch.no_grad():
-            yield {n: params[n].detach() for n in names}
+            full = {}
+            for n in names:
+                master = safe_get_full_fp32_param(params[n]) if params[n].requires_grad else None
+                full[n] = params[n].detach() if master is None else master.view(params[n].shape)
+            yield full
 
 
 def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:

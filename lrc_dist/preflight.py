@@ -57,6 +57,9 @@ def problems(cfg: TrainConfig, world_size: int) -> list[str]:
         if cfg.model.method != "lrc":
             found.append(f"model.lrc.dense_after is LRC's dense phase; model.method={cfg.model.method} trains dense "
                          f"matrices throughout: set it to null")
+        elif 0 < lrc.dense_after < 1 and at == 0:
+            found.append(f"model.lrc.dense_after={lrc.dense_after}: that fraction of {cfg.steps} steps rounds to step 0; "
+                         f"use 0 for a dense phase from the start, or a larger fraction")
         elif at >= cfg.steps:
             found.append(f"model.lrc.dense_after={lrc.dense_after}: the dense phase would start after step {at} of a "
                          f"run of {cfg.steps} steps, i.e. never: use a smaller value, or null for no dense phase")

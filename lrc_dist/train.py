@@ -34,7 +34,7 @@ from lrc_dist.cluster import EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEM
     die_with_launcher, lock_run_dir
 from lrc_dist.config import ConfigError, TrainConfig, parse_args, resume_changes, to_dict
 from lrc_dist.data import DistributedBatches
-from lrc_dist.export import export_run, full_parameters, load_trained
+from lrc_dist.export import export_run, full_parameters
 from lrc_dist.interface import DistillationModel
 from lrc_dist.lrc import check_teacher
 from lrc_dist.metrics import (AgreementWatch, MetricsLogger, add_to_interval, human, interval_means, memory_gb,
@@ -181,6 +181,10 @@ def dense_summary(cfg: TrainConfig, model: DistillationModel) -> list[str]:
             f"P_o, P_down {'train' if cfg.model.lrc.dense_projections == 'train' else 'frozen'}"]
 
 
+def projector_scale(model: DistillationModel) -> float | None:
+    return model.dual_space.lr_scale if model.dual_space is not None else None
+
+
 def dense_step(cfg: TrainConfig) -> int | None:
     """The step after which LRC's dense phase starts (lrc.dense_after), or None."""
     return cfg.model.lrc.dense_step(cfg.steps) if cfg.model.method == "lrc" else None
@@ -194,16 +198,28 @@ def dense_state(model: DistillationModel, backend) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for names, part in model.dense_parts():
             with full_parameters(model, backend.gathered, names, True):
-                state.update({k: v.to("cpu", torch.float32, copy=True) for k, v in part().items()})
+                state.update({k: v.to("cpu", torch.float32, copy=True, memory_format=torch.contiguous_format)
+                              for k, v in part().items()})
     return state
 
 
-def dense_model(cfg: TrainConfig, info: DistInfo, grad_accum: int, state: dict[str, torch.Tensor]):
-    """(model, backend) of the dense phase, from the tensors `dense_state` computed: the teacher read
-    again, a fresh optimizer (Adam's moments restart at the switch)."""
-    model = build_model(cfg, device=info.device, trained=True, dense=True)
-    load_trained(model, state)
+def dense_model(cfg: TrainConfig, info: DistInfo, grad_accum: int, state: dict[str, torch.Tensor],
+                projector_lr_scale: float | None):
+    """(model, backend) of the dense phase, from the tensors `dense_state` computed (taken over, not
+    copied): the teacher read again, a fresh optimizer (Adam's moments restart at the switch); the
+    DSKD projector keeps its learning-rate scale."""
+    model = build_model(cfg, device=info.device, trained=True)
+    model.densify(state)
+    keep_projector_lr_scale(model, projector_lr_scale)
     return model, build_backend(model, cfg, info, grad_accum)
+
+
+def keep_projector_lr_scale(model: DistillationModel, scale: float | None) -> None:
+    """The DSKD projector's learning-rate scale of the run (set at its start from the initial
+    weights, `dskd.projector_lr_scale`), for a model built again: a resume or the dense switch,
+    whose placeholder weights would give another one."""
+    if scale is not None and model.dual_space is not None:
+        model.dual_space.lr_scale = scale
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
@@ -228,6 +244,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
 
     # a resume computes no init; a checkpoint of the dense phase holds that phase's tensors
     model = build_model(cfg, device=info.device, trained=resume_from is not None, dense=written.get("dense", False))
+    keep_projector_lr_scale(model, written.get("projector_lr_scale"))
     fingerprint = teacher_fingerprint(cfg.model.teacher) if cfg.model.method != "lm" else None
     backend = build_backend(model, cfg, info, grad_accum)
     state = {"step": 0, "consumed_samples": 0, "bad_steps": 0, "recent_losses": [], "interval": new_interval(),
@@ -263,15 +280,17 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
             if dense_at is not None and not state["dense"] and state["step"] >= dense_at:
                 began, before = time.perf_counter(), parameter_counts(model)[0]
                 tensors = dense_state(model, backend)
+                scale = projector_scale(model)
                 backend.close()
                 del model, backend  # the LRC model goes before the dense one is built
                 gc.collect()
                 if info.device.type == "cuda":
                     torch.cuda.empty_cache()
-                model, backend = dense_model(cfg, info, grad_accum, tensors)
+                model, backend = dense_model(cfg, info, grad_accum, tensors, scale)
                 del tensors
                 model_flops = model.flops_per_token(cfg.data.seq_len, tokens_per_forward)
                 state["dense"] = True
+                state["recent_losses"] = []  # the spike guard: the dense phase's losses start afresh
                 took = time.perf_counter() - began
                 tick += took  # the switch is no training time
                 if info.is_main:
@@ -329,7 +348,8 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
                               f"stays the latest", flush=True)
                 else:
                     checkpointer.save(step, backend, {**state, "world_size": info.world_size, "metrics": history,
-                                                      "teacher_fingerprint": fingerprint, "config": to_dict(cfg)})
+                                                      "teacher_fingerprint": fingerprint, "config": to_dict(cfg),
+                                                      "projector_lr_scale": projector_scale(model)})
                     saved_at = time.monotonic()
             if signum:  # the export, if due, is redone by the resumed run: preemption leaves little time
                 raise Preempted(f"stopped on {signal.Signals(signum).name} after step {step}; "

@@ -39,6 +39,7 @@ def test_the_switch_keeps_the_function_and_trains_the_matrices(tmp_path, family)
     assert list(got_student) == list(want_student)
     for k in want_student:
         torch.testing.assert_close(got_student[k], want_student[k], rtol=1e-5, atol=1e-7, msg=k)
+    assert all(p.is_contiguous() for p in model.parameters()), "FSDP2 shards only contiguous parameters"
     names = set(model.trainable_state_dict())
     assert "embed_dense" in names and "embed_proj" not in names
     assert (("lm_head_dense" in names) == (not model.teacher_args.tie_word_embeddings)) and "lm_head_proj" not in names
@@ -174,5 +175,7 @@ def test_bad_dense_after_is_refused_naming_the_key(overrides, message):
 def test_a_dense_phase_that_never_starts_is_refused():
     cfg = load_config(None, {"model.lrc.student_hidden_size": 40, "model.lrc.dense_after": 10, "steps": 10})
     assert any("model.lrc.dense_after=10" in p and "never" in p for p in problems(cfg, 1))
+    cfg = load_config(None, {"model.lrc.student_hidden_size": 40, "model.lrc.dense_after": 0.004, "steps": 100})
+    assert any("rounds to step 0" in p for p in problems(cfg, 1))
     cfg = load_config(None, {"model.method": "kd", "model.lrc.dense_after": 0.5, "steps": 10})
     assert any("model.method=kd" in p for p in problems(cfg, 1))
