@@ -39,12 +39,14 @@ def init_projections(clone: LowRankClone, cfg: TrainConfig, device: torch.device
 
 
 def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None, device: torch.device | None = None,
-                trained: bool = False, dense: bool = False) -> DistillationModel:
+                trained: bool = False, dense: bool = False, dense_state: dict[str, torch.Tensor] | None = None
+                ) -> DistillationModel:
     """The model of `cfg.model.method`, initialised identically on every rank (same seed, same data).
     LRC's projections start as `lrc.init` says; an init from the teacher moves the model to
     `device` first and runs there. With `trained` (a resume, an export: a trained state is loaded
     over the model) they get only the cheap random init, and nothing is computed. `dense`: LRC in
-    its dense phase (`LowRankClone.densify`), for a trained state of that phase (zeros until then)."""
+    its dense phase (`LowRankClone.densify`), its tensors taken from `dense_state` (what the
+    switch computed) or zeros, for a trained state loaded next."""
     m = cfg.model
     dtype = dtype or dtype_of(m.dtype)
     if m.method == "lm":
@@ -73,7 +75,7 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None, device: torc
         if not trained:
             raise ValueError("build_model(dense=True) builds a model for a trained state of the dense phase: pass "
                              "trained=True (the trainer enters the phase by LowRankClone.densify).")
-        model.densify({})
+        model.densify(dense_state or {})
     return model
 
 

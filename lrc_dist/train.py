@@ -208,8 +208,7 @@ def dense_model(cfg: TrainConfig, info: DistInfo, grad_accum: int, state: dict[s
     """(model, backend) of the dense phase, from the tensors `dense_state` computed (taken over, not
     copied): the teacher read again, a fresh optimizer (Adam's moments restart at the switch); the
     DSKD projector keeps its learning-rate scale."""
-    model = build_model(cfg, device=info.device, trained=True)
-    model.densify(state)
+    model = build_model(cfg, device=info.device, trained=True, dense=True, dense_state=state)
     keep_projector_lr_scale(model, projector_lr_scale)
     return model, build_backend(model, cfg, info, grad_accum)
 
