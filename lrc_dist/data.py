@@ -250,7 +250,8 @@ class DistributedBatches:
     """This rank's micro batches of a global sample stream, resumable by `consumed_samples`.
 
     Yields {"input_ids": LongTensor[B, seq_len], "labels": LongTensor[B, seq_len]} (labels are
-    the inputs shifted by one) until fewer than micro_batch_size * world_size samples remain.
+    the inputs shifted by one; with `sample_ids`, also "sample_ids": the samples' indices in the
+    stream) until fewer than micro_batch_size * world_size samples remain.
     `consumed_samples` counts the samples of all ranks yielded so far: save `state_dict()` with
     the checkpoint and pass it back (with any world size) to continue the same stream.
     """
@@ -262,6 +263,7 @@ class DistributedBatches:
         rank: int = 0,
         world_size: int = 1,
         consumed_samples: int = 0,
+        sample_ids: bool = False,
     ):
         if not 0 <= rank < world_size or micro_batch_size < 1:
             raise ValueError(
@@ -270,6 +272,7 @@ class DistributedBatches:
         self.dataset = dataset
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.consumed_samples = consumed_samples
+        self.sample_ids = sample_ids
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         step = self.micro_batch_size * self.world_size
@@ -277,7 +280,10 @@ class DistributedBatches:
             first = self.consumed_samples + self.rank * self.micro_batch_size
             windows = torch.stack([self.dataset[i] for i in range(first, first + self.micro_batch_size)])
             self.consumed_samples += step
-            yield {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
+            batch = {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
+            if self.sample_ids:
+                batch["sample_ids"] = torch.arange(first, first + self.micro_batch_size)
+            yield batch
 
     def state_dict(self) -> dict[str, int]:
         return {"consumed_samples": self.consumed_samples}

@@ -1,6 +1,6 @@
 """The whole job end to end on a CPU, from nothing but this repository and Python's standard library.
 
-    python -m lrc_dist.demo [--out runs/demo] [--preset default|quick] [--dskd] [--beyond]
+    python -m lrc_dist.demo [--out runs/demo] [--preset default|quick] [--dskd] [--beyond] [--on_policy]
 
 1. corpus: English prose from Python's own documentation (pydoc_data topics) and the docstrings
    of the standard library, split by document into train and held-out sets.
@@ -79,6 +79,12 @@ BEYOND_STUDENTS = {
                                                                       "model.lrc.dense_projections": "freeze"}),
     "lrc_dense_activation": ("LRC, activation init + dense second half", {"model.lrc.init": "activation",
                                                                          "model.lrc.dense_after": 0.5}),
+}
+# --on_policy: half of the windows continued by the student for their last quarter (issue 15)
+ON_POLICY = {"loss.on_policy_ratio": 0.5, "loss.on_policy_new_tokens": "QUARTER"}
+ON_POLICY_STUDENTS = {
+    "lrc_on_policy": ("LRC, on-policy half", ON_POLICY),
+    "kd_on_policy": ("plain KD, on-policy half", {"model.method": "kd", **ON_POLICY}),
 }
 RANK_WINDOWS = 16  # held-out windows whose final hidden states give the effective rank
 
@@ -184,7 +190,7 @@ def run_training(run_dir: Path, p: dict, steps: int, lr: float, overrides: dict)
 
 
 def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dskd: bool = False,
-         beyond: bool = False) -> dict:
+         beyond: bool = False, on_policy: bool = False) -> dict:
     """Run the whole pipeline into OUT; prints and writes the comparison (summary.md, losses.png).
     With `dskd`, two more students: LRC and a random-init student trained by DSKD instead of KL;
     with `beyond`, the LRC students of BEYOND_STUDENTS. Finished stages are reused."""
@@ -224,9 +230,11 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
 
     print("== 3/5 students: same token budget each", flush=True)
     exports = {"teacher": teacher}
-    students = {**STUDENTS, **(DSKD_STUDENTS if dskd else {}), **(BEYOND_STUDENTS if beyond else {})}
+    students = {**STUDENTS, **(DSKD_STUDENTS if dskd else {}), **(BEYOND_STUDENTS if beyond else {}),
+                **(ON_POLICY_STUDENTS if on_policy else {})}
     for name, (label, overrides) in students.items():
         print(f"-- {label}", flush=True)
+        overrides = {k: p["seq_len"] // 4 if v == "QUARTER" else v for k, v in overrides.items()}
         exports[name] = run_training(root / name, p, p["student_steps"], p["student_lr"], {
             **data, "model.teacher": str(teacher), "model.lrc.student_hidden_size": p["width"] // 2, **overrides})
 
@@ -331,12 +339,13 @@ def plot_perplexity(results: dict, out: Path) -> None:
 
 
 def cli(out: str = "runs/demo", preset: str = "default", plot: bool = True, dskd: bool = False,
-        beyond: bool = False) -> None:
+        beyond: bool = False, on_policy: bool = False) -> None:
     """Run the whole pipeline into OUT; prints and writes the comparison (summary.md, losses.png).
     --dskd adds LRC and a random-init student trained by DSKD instead of KL; --beyond adds the LRC
     options beyond the paper (document masking, projection inits, the dense phase), at the same
-    token budget."""
-    main(out, preset, plot, dskd, beyond)
+    token budget; --on_policy adds LRC and KD students that continue half of their windows
+    themselves (loss.on_policy_ratio)."""
+    main(out, preset, plot, dskd, beyond, on_policy)
 
 
 def run() -> None:

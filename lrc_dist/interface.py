@@ -50,9 +50,11 @@ class DistillationModel(Protocol):
     def vocab_size(self) -> int:
         """The vocabulary of the input tokens (what the token sets must fit)."""
 
-    def forward(self, input_ids: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-        """(the loss, divided by `normalizer` (the step's labelled tokens), detached metrics)."""
+    def forward(self, input_ids: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None = None,
+                lm_labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """(the loss, divided by `normalizer` (the step's labelled tokens), detached metrics);
+        `lm_labels`: the LM term's labels where they are not `labels` (the windows the student
+        continued, `loss.on_policy_ratio`, lrc_dist.on_policy)."""
 
     def flops_per_token(self, seq_len: int, tokens_per_forward: int) -> float:
         """Model FLOPs of one trained token on one device (for the MFU)."""

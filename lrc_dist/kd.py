@@ -153,12 +153,15 @@ class KnowledgeDistillation(nn.Module):
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def forward(self, input_ids: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None = None,
-                **aligned: Tensor | float) -> tuple[Tensor, dict[str, Tensor]]:
+                lm_labels: Tensor | None = None, **aligned: Tensor | float) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss, detached metrics). Across tokenizers `aligned` holds `TeacherRetokenizer`'s
         teacher_input_ids, align_student, align_teacher, align_mask and `aligned_normalizer`, the
-        step's global count of aligned pairs (default: this micro-batch's)."""
+        step's global count of aligned pairs (default: this micro-batch's). `lm_labels`: the LM
+        term's labels where they are not `labels` (on-policy windows, lrc_dist.on_policy)."""
         if aligned and not self.cross_tokenizer:
             raise TypeError(f"aligned inputs {sorted(aligned)} given to a KD model of one vocabulary.")
+        if lm_labels is not None and self.cross_tokenizer:
+            raise ValueError("loss.on_policy_ratio is not built across tokenizers yet")
         h_s = self.student_hidden(input_ids)
         use_teacher = self.teacher is not None and bool(loss_cfg.kl_weight or loss_cfg.dskd_weight)
         if self.cross_tokenizer:
@@ -168,7 +171,8 @@ class KnowledgeDistillation(nn.Module):
             with torch.no_grad():
                 h_t, w_t = self.teacher.hidden_states(input_ids).flatten(0, 1), self.teacher.lm_head_weight
         total, metrics = logit_losses(h_s.flatten(0, 1), self.student.lm_head_weight, h_t, w_t, labels.flatten(),
-                                      loss_cfg, normalizer, self.dual_space)
+                                      loss_cfg, normalizer, self.dual_space,
+                                      lm_labels.flatten() if lm_labels is not None else None)
         return total, {"loss": total.detach(), **metrics}
 
     def _cross_tokenizer_losses(self, h_s: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None,

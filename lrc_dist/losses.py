@@ -55,6 +55,17 @@ class LossConfig:
     """D of both DSKD spaces"""
     dskd_mask: bool = True
     """student-space KD only where the projected teacher keeps the teacher's argmax"""
+    on_policy_ratio: float = 0.0
+    """on-policy distillation: this share of the training windows is continued by the current
+    student (the window's first tokens as the prompt, on_policy_new_tokens sampled after them),
+    and the KD, DSKD and clone terms run on the whole window, the generated tokens included; the
+    LM term counts only the data tokens (lrc_dist/on_policy.py). 0: off-policy throughout"""
+    on_policy_new_tokens: int = 64
+    """tokens the student generates per on-policy window (at most data.seq_len)"""
+    on_policy_temperature: float = 1.0
+    """sampling temperature of the generated tokens (0: greedy)"""
+    on_policy_top_p: float = 1.0
+    """nucleus sampling of the generated tokens: the most likely tokens reaching this mass"""
 
 
 class _HeadLosses(torch.autograd.Function):
@@ -66,7 +77,8 @@ class _HeadLosses(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, labels, divergence, temperature, lm_weight, kd_weight, normalizer, chunk):
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, divergence, temperature, lm_weight, kd_weight, normalizer, chunk,
+                lm_labels):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(h_s) if need_h else None
         grad_w = torch.zeros_like(w_s, dtype=torch.float32) if need_w else None
@@ -77,10 +89,11 @@ class _HeadLosses(torch.autograd.Function):
             hs = h_s[start : start + chunk]
             y = labels[start : start + chunk]
             valid = (y != IGNORE_INDEX).float()
+            y_lm = y if lm_labels is None else lm_labels[start : start + chunk]
             z = (hs @ w_s.T).float().requires_grad_(True)
             with torch.enable_grad():
                 logp = torch.log_softmax(z, dim=-1)
-                lm = -(logp.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1) * valid).sum()
+                lm = -(logp.gather(1, y_lm.clamp(min=0).unsqueeze(1)).squeeze(1) * (y_lm != IGNORE_INDEX)).sum()
                 loss = lm_weight * lm
                 if use_kd:
                     logp_t = torch.log_softmax((h_t[start : start + chunk] @ w_t.T).float() / temperature, dim=-1)
@@ -105,7 +118,7 @@ class _HeadLosses(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         grad_h = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
         grad_w = (grad_w * grad_total).to(ctx.w_dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None
 
 
 def head_losses(
@@ -116,9 +129,11 @@ def head_losses(
     labels: Tensor,
     cfg: LossConfig,
     normalizer: float | None = None,
+    lm_labels: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """LM cross-entropy and D(teacher || student) at temperature T (`cfg.divergence`, forward KL by
-    default), means over labelled tokens.
+    default), means over labelled tokens. `lm_labels` (default: `labels`) are the LM term's: an
+    on-policy window's generated tokens are labelled for the KL, not for the LM term.
 
     h_s [N, d_S] and w_s [V, d_S] give the student logits, h_t [N, d_T] and w_t [V, d_T] the
     teacher's (None: no KL). `normalizer` replaces the local labelled-token count, e.g. by the
@@ -131,7 +146,7 @@ def head_losses(
     kl_weight = cfg.kl_weight if h_t is not None else 0.0
     divergence = divergence_fn(cfg.divergence, cfg.skew)
     return _HeadLosses.apply(h_s, w_s, h_t, w_t, labels, divergence, cfg.temperature, cfg.lm_weight,
-                             kl_weight, float(normalizer), chunk)
+                             kl_weight, float(normalizer), chunk, lm_labels)
 
 
 class HeadObjective(Protocol):
@@ -143,12 +158,12 @@ class HeadObjective(Protocol):
 
 def logit_losses(
     h_s: Tensor, w_s: Tensor, h_t: Tensor | None, w_t: Tensor | None, labels: Tensor, cfg: LossConfig,
-    normalizer: float | None = None, dual_space: HeadObjective | None = None,
+    normalizer: float | None = None, dual_space: HeadObjective | None = None, lm_labels: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """lm_weight * LM + kl_weight * D(teacher || student) (`head_losses`), plus dskd_weight * the
     DSKD objective (the model's `dual_space`) when that weight is set: (total, {"lm", "kl"[, "dskd",
     "dskd/..."]}). Both LRC and the KD baselines build their objective on it."""
-    total, lm, kl = head_losses(h_s, w_s, h_t, w_t, labels, cfg, normalizer)
+    total, lm, kl = head_losses(h_s, w_s, h_t, w_t, labels, cfg, normalizer, lm_labels)
     metrics = {"lm": lm, "kl": kl} if h_t is not None and cfg.kl_weight else {"lm": lm}  # no KL term: none shown
     if cfg.dskd_weight:
         if dual_space is None or h_t is None:

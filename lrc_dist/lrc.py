@@ -362,14 +362,17 @@ class LowRankClone(nn.Module):
         return matmul(teacher, proj.to(teacher.dtype))
 
     def forward(
-        self, input_ids: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None = None
+        self, input_ids: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None = None,
+        lm_labels: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The training step's forward: lockstep pass and loss (see `lrc_loss`).
+        """The training step's forward: lockstep pass and loss (see `lrc_loss`); `lm_labels`: the LM
+        term's labels where they are not `labels` (on-policy windows, lrc_dist.on_policy).
 
         The loss is computed here, inside the root module's forward, because FSDP2 and ZeRO-3 only
         gather the vocabulary-sized head weights while that forward runs.
         """
-        return lrc_loss(self, self.lockstep(input_ids, labels != IGNORE_INDEX), labels, loss_cfg, normalizer)
+        return lrc_loss(self, self.lockstep(input_ids, labels != IGNORE_INDEX), labels, loss_cfg, normalizer,
+                        lm_labels)
 
     def lockstep(self, input_ids: Tensor, valid: Tensor | None = None) -> LRCOutput:
         """Teacher and student side by side through all layers; no loss."""
@@ -527,7 +530,8 @@ class LowRankClone(nn.Module):
 
 
 def lrc_loss(
-    model: LowRankClone, out: LRCOutput, labels: Tensor, cfg: LossConfig, normalizer: float | None = None
+    model: LowRankClone, out: LRCOutput, labels: Tensor, cfg: LossConfig, normalizer: float | None = None,
+    lm_labels: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The total LRC loss and its detached terms for logging.
 
@@ -540,7 +544,7 @@ def lrc_loss(
     head, metrics = logit_losses(
         out.student_hidden.flatten(0, 1), model.student_head_weight(model.generation_matmul),
         out.teacher_hidden.flatten(0, 1), model.teacher_head_weight(),
-        labels.flatten(), cfg, normalizer, model.dual_space,
+        labels.flatten(), cfg, normalizer, model.dual_space, lm_labels.flatten() if lm_labels is not None else None,
     )
     weights = model.cfg.clone_term_weights
     clone = share * sum(weights.get(name, 1.0) * value for name, value in out.clone.items())

@@ -157,9 +157,9 @@ def activation(name: str) -> nn.Module:
     return ACT2FN[name]
 
 
-def attention(x: Tensor, w: Weights, args: ModelArgs, rope: Rope, mask: Tensor | None, tap: Tap) -> Tensor:
-    """Causal self-attention up to (not including) o_proj: [B, T, d] -> [B, T, heads * head_dim].
-    The q/k/v taps see the projections before q/k-norm and RoPE."""
+def query_key_value(x: Tensor, w: Weights, args: ModelArgs, rope: Rope, tap: Tap) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v [B, heads, T, head_dim] of the tokens x, after q/k-norm and RoPE. The q/k/v taps see
+    the projections before them."""
     B, T, _ = x.shape
     q = tap("q", F.linear(x, w["q"], w.get("q_bias"))).view(B, T, args.num_heads, args.head_dim)
     k = tap("k", F.linear(x, w["k"], w.get("k_bias"))).view(B, T, args.num_kv_heads, args.head_dim)
@@ -168,20 +168,35 @@ def attention(x: Tensor, w: Weights, args: ModelArgs, rope: Rope, mask: Tensor |
         q, k = rms_norm(q, w["q_norm"], args), rms_norm(k, w["k_norm"], args)
     cos, sin = rope
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, args: ModelArgs, mask: Tensor | None) -> Tensor:
+    """Attention of q [B, heads, Tq, hd] over k, v [B, kv heads, Tk, hd] -> [B, Tq, heads * hd];
+    `mask`: a keep-mask, None for causal attention over as many keys as queries."""
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=args.attn_scale,
                                          enable_gqa=args.num_kv_heads != args.num_heads)
+    B, _, T, _ = q.shape
     return out.transpose(1, 2).reshape(B, T, args.num_heads * args.head_dim)
 
 
+def attention(x: Tensor, w: Weights, args: ModelArgs, rope: Rope, mask: Tensor | None, tap: Tap) -> Tensor:
+    """Causal self-attention up to (not including) o_proj: [B, T, d] -> [B, T, heads * head_dim].
+    The q/k/v taps see the projections before q/k-norm and RoPE."""
+    return attend(*query_key_value(x, w, args, rope, tap), args, mask)
+
+
+Attention = Callable[[Tensor, Weights, ModelArgs, Rope, "Tensor | None", Tap], Tensor]  # `attention`'s signature
+
+
 def decoder_layer(x: Tensor, w: Weights, args: ModelArgs, rope: Rope, mask: Tensor | None,
-                  tap: Tap = no_tap) -> Tensor:
+                  tap: Tap = no_tap, attn: Attention = attention) -> Tensor:
     """One decoder layer of any family: pre-norm attention and gated MLP, each with its optional
     post-norm (Gemma). `tap` sees q, k, v, gate, up (before their activation), attn_out (after o)
     and ffn_out (after down), both before a post-norm. `mask`: the keep-mask of the layer's
-    attention (`Context.masks`), None for plain causal attention."""
-    attn_out = tap("attn_out", F.linear(attention(rms_norm(x, w["attn_norm"], args), w, args, rope, mask, tap),
-                                        w["o"]))
+    attention (`Context.masks`), None for plain causal attention. `attn`: the attention (the
+    sampler's attends over its KV cache too, `sampling.CachedAttention`)."""
+    attn_out = tap("attn_out", F.linear(attn(rms_norm(x, w["attn_norm"], args), w, args, rope, mask, tap), w["o"]))
     if "attn_post_norm" in w:
         attn_out = rms_norm(attn_out, w["attn_post_norm"], args)
     h = x + attn_out
@@ -228,8 +243,9 @@ class DecoderLayer(nn.Module):
     def weights(self) -> Weights:
         return split_layer(self.args, {hf: get_parameter(self, hf) for hf in self.hf_names})
 
-    def forward(self, x: Tensor, ctx: Context, tap: Tap = no_tap) -> Tensor:
-        return decoder_layer(x, self.weights(), self.args, ctx.rope[self.layer_type], ctx.masks[self.window], tap)
+    def forward(self, x: Tensor, ctx: Context, tap: Tap = no_tap, attn: Attention = attention) -> Tensor:
+        return decoder_layer(x, self.weights(), self.args, ctx.rope[self.layer_type], ctx.masks[self.window], tap,
+                             attn)
 
 
 class DecoderModel(nn.Module):

@@ -51,6 +51,7 @@ def problems(cfg: TrainConfig, world_size: int) -> list[str]:
                      f"generates none: set it to false")
     if cfg.model.method == "lm" and cfg.loss.dskd_weight:
         found.append("loss.dskd_weight needs a teacher; model.method=lm has none: set it to 0 or use kd/lrc")
+    found += _on_policy(cfg)
     lrc = cfg.model.lrc
     if lrc.dense_after is not None:
         at = lrc.dense_step(cfg.steps)
@@ -68,6 +69,27 @@ def problems(cfg: TrainConfig, world_size: int) -> list[str]:
     if cfg.data.document_mask and cfg.model.cross_tokenizer():
         found.append("data.document_mask is not supported across tokenizers yet (the teacher reads a re-tokenized "
                      "window): set it to false")
+    return found
+
+
+def _on_policy(cfg: TrainConfig) -> list[str]:
+    loss, found = cfg.loss, []
+    if not 0 <= loss.on_policy_ratio <= 1:
+        found.append(f"loss.on_policy_ratio={loss.on_policy_ratio} must be in [0, 1]")
+    if not loss.on_policy_ratio:
+        return found
+    if not 1 <= loss.on_policy_new_tokens <= cfg.data.seq_len:
+        found.append(f"loss.on_policy_new_tokens={loss.on_policy_new_tokens} must be in 1..data.seq_len="
+                     f"{cfg.data.seq_len} (the prompt is the rest of the window)")
+    if loss.on_policy_temperature < 0:
+        found.append(f"loss.on_policy_temperature={loss.on_policy_temperature} must not be negative (0: greedy)")
+    if not 0 < loss.on_policy_top_p <= 1:
+        found.append(f"loss.on_policy_top_p={loss.on_policy_top_p} must be in (0, 1]")
+    if cfg.model.method == "lm":
+        found.append("loss.on_policy_ratio needs a teacher to grade the student's tokens; model.method=lm has none")
+    if cfg.model.cross_tokenizer():
+        found.append("loss.on_policy_ratio is not built across tokenizers yet (the teacher would re-tokenize the "
+                     "generated text): set it to 0")
     return found
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from lrc_dist import preflight
 from lrc_dist.align import TeacherRetokenizer
-from lrc_dist.build import build_model, training_mixture
+from lrc_dist.build import build_model, dtype_of, training_mixture
 from lrc_dist.checkpoint import Checkpointer, agreed, read_train_state
 from lrc_dist.cluster import EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEMPTED, RunDirLocked, StopSignals, \
     die_with_launcher, lock_run_dir
@@ -40,6 +40,8 @@ from lrc_dist.lrc import check_teacher
 from lrc_dist.metrics import (AgreementWatch, MetricsLogger, add_to_interval, human, interval_means, memory_gb,
                               new_interval, peak_flops)
 from lrc_dist.model import CheckpointError, teacher_fingerprint
+from lrc_dist.on_policy import materialised_student, on_policy_batch, on_policy_seeds
+from lrc_dist.sampling import Decoder
 from lrc_dist.parallel import DistInfo, build_backend, init_distributed
 
 SPIKE_WINDOW, SPIKE_WARMUP = 50, 10  # loss-spike guard: mean over the last 50 good steps, from the 10th on
@@ -83,7 +85,11 @@ def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int,
     `cross_tokenizer`, each also carries the teacher's tokens and the aligned positions."""
     d = cfg.data
     mixture = training_mixture(cfg, vocab_size)
-    batches = iter(DistributedBatches(mixture, cfg.micro_batch_size, rank, world_size, consumed_samples))
+    ratio = cfg.loss.on_policy_ratio
+    batches = iter(DistributedBatches(mixture, cfg.micro_batch_size, rank, world_size, consumed_samples, bool(ratio)))
+    if ratio:  # the windows the student continues, and the seeds it samples them with (lrc_dist.on_policy)
+        batches = ({"input_ids": b["input_ids"], "labels": b["labels"],
+                    "on_policy_seeds": on_policy_seeds(b["sample_ids"], ratio, cfg.seed)} for b in batches)
     if not cross_tokenizer:
         return batches
     retokenize = TeacherRetokenizer(cfg.model.student, cfg.model.teacher, d.teacher_max_len or 2 * d.seq_len)
@@ -300,7 +306,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
             lr = lr_at(step - 1, cfg)
             backend.set_lr(lr)
             micro = [next(batches) for _ in range(grad_accum)]
-            bad, grad_norm, sums = take_step(backend, micro, cfg, info, state, cross_tokenizer)
+            bad, grad_norm, sums = take_step(backend, model, micro, cfg, info, state, cross_tokenizer)
             state["step"] = step
             state["consumed_samples"] += cfg.global_batch_size
             interval_flops += grad_accum * tokens_per_forward * model_flops
@@ -312,6 +318,8 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
             else:
                 state["bad_steps"] = 0
                 step_metrics = all_reduce_sum(sums, info.device)
+                if "on_policy/generation_s" in step_metrics:  # seconds per device, not summed over them
+                    step_metrics["on_policy/generation_s"] /= info.world_size
                 state["recent_losses"] = (state["recent_losses"] + [step_metrics["loss"]])[-SPIKE_WINDOW:]
                 add_to_interval(state["interval"], {**step_metrics, "grad_norm": grad_norm})
 
@@ -323,6 +331,8 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
                            "eta_s": (last - step) * step_time, "tokens_seen": state["consumed_samples"] * cfg.data.seq_len,
                            "tokens_per_s_per_device": tps, "mfu": interval_flops / elapsed / peak if peak else None,
                            "memory_gb": memory_gb(info.device)}
+                if "on_policy/generation_s" in history:
+                    history["on_policy/time_share"] = history["on_policy/generation_s"] / step_time
                 logger.log(step, history, cfg.steps)
                 warning = agreement.update(history.get("dskd/agree"))
                 if warning and info.is_main:
@@ -363,10 +373,11 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
         logger.close()
 
 
-def take_step(backend, micro: list[dict], cfg: TrainConfig, info: DistInfo, state: dict, cross_tokenizer: bool
-              ) -> tuple[str | None, float, dict[str, torch.Tensor]]:
+def take_step(backend, model: DistillationModel, micro: list[dict], cfg: TrainConfig, info: DistInfo, state: dict,
+              cross_tokenizer: bool) -> tuple[str | None, float, dict[str, torch.Tensor]]:
     """One optimizer step over this rank's micro-batches: (why it was skipped or None, grad norm,
-    the summed metrics of this rank). Every rank skips a step that any rank finds bad."""
+    the summed metrics of this rank). Every rank skips a step that any rank finds bad. On-policy
+    windows are continued by the student first, materialised once for the step (every rank)."""
     local = {"tokens": sum((m["labels"] != -100).sum() for m in micro)}
     if cross_tokenizer:  # the aligned KD terms are means over the step's aligned pairs
         local["aligned"] = sum(m["align_mask"].sum() for m in micro)
@@ -375,11 +386,20 @@ def take_step(backend, micro: list[dict], cfg: TrainConfig, info: DistInfo, stat
                   if cfg.loss_spike_factor and len(state["recent_losses"]) >= SPIKE_WARMUP else None)
     sums: dict[str, torch.Tensor] = {}
     bad = None
+    decoder = None
+    if cfg.loss.on_policy_ratio:  # every rank, every step: the gathers are collective
+        decoder = Decoder.of(materialised_student(model, backend.gathered, dtype_of(cfg.model.dtype)))
     for i, m in enumerate(micro):
         inputs = {k: v.to(info.device) for k, v in m.items()}
         if "aligned" in counts:
             inputs["aligned_normalizer"] = counts["aligned"]
+        extra = {}
+        if decoder is not None:
+            ids, labels, lm_labels, extra = on_policy_batch(inputs["input_ids"], inputs["labels"],
+                                                            inputs.pop("on_policy_seeds"), lambda: decoder, cfg.loss)
+            inputs.update(input_ids=ids, labels=labels, **({"lm_labels": lm_labels} if lm_labels is not None else {}))
         loss, metrics = backend.model(loss_cfg=cfg.loss, normalizer=counts["tokens"], **inputs)
+        metrics = {**metrics, **extra}
         finite = torch.isfinite(loss.detach()).float()
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one rank's NaN poisons the whole step
         if finite.item() < 1:

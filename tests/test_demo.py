@@ -34,17 +34,18 @@ def test_demo_quick_preset_end_to_end(quick_demo):
 
 
 def test_demo_beyond_adds_its_students_reusing_the_finished_stages(quick_demo):
-    """--beyond on the quick demo's output: the eight LRC options beyond the paper train at the same
-    budget, each with its perplexity and effective rank (the quick preset is too short to rank them)."""
+    """--beyond and --on_policy on the quick demo's output: the eight LRC options beyond the paper
+    and the two on-policy students train at the same budget, each with its perplexity and effective
+    rank (the quick preset is too short to rank them)."""
     out, _ = quick_demo
     env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-m", "lrc_dist.demo", "--out", str(out), "--preset", "quick", "--dskd",
-                           "--beyond"], cwd=REPO, env=env, capture_output=True, text=True)
+                           "--beyond", "--on_policy"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count("reused: ") == 3 + 6  # nothing trained before is trained again
     results = json.loads((out / "results.json").read_text())
     beyond = {"lrc_init_activation", "lrc_init_svd", "lrc_init_channels", "lrc_docmask", "lrc_best", "lrc_dense",
-              "lrc_dense_frozen", "lrc_dense_activation"}
+              "lrc_dense_frozen", "lrc_dense_activation", "lrc_on_policy", "kd_on_policy"}
     assert beyond <= set(results)
     for name in beyond | {"teacher", "lrc"}:
         assert 1 < results[name]["perplexity"] < 512 and 1 <= results[name]["effective_rank"] <= 64, name
