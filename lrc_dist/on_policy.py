@@ -2,7 +2,9 @@
 the current student, and the teacher grades the student's own tokens (GKD, DSKD's on-policy mode).
 
 A window of the data stream is on-policy when its sample index says so (`on_policy_samples`):
-exactly `ratio` of the stream, the same samples at any world size and after any resume. Such a
+exactly `ratio` of the stream, the same windows at any world size and after any resume. Their
+tokens are the same too where the arithmetic does not depend on which rows share a batch (fp32
+on CPU: tested); in bf16 on a GPU a near tie may draw otherwise at another world size. Such a
 window keeps its first P = seq_len + 1 - N tokens as the prompt, and the student samples the other
 N (`loss.on_policy_new_tokens`) with the KV-cache sampler (lrc_dist.sampling), drawing from a
 generator seeded by the run's seed and the sample index. The model's forward then runs on the

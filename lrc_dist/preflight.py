@@ -87,6 +87,9 @@ def _on_policy(cfg: TrainConfig) -> list[str]:
         found.append(f"loss.on_policy_top_p={loss.on_policy_top_p} must be in (0, 1]")
     if cfg.model.method == "lm":
         found.append("loss.on_policy_ratio needs a teacher to grade the student's tokens; model.method=lm has none")
+    if cfg.data.document_mask:
+        found.append("loss.on_policy_ratio with data.document_mask: the sampler reads a prompt as one sequence, "
+                     "across its EOS tokens, while training would mask them; set one of them off")
     if cfg.model.cross_tokenizer():
         found.append("loss.on_policy_ratio is not built across tokenizers yet (the teacher would re-tokenize the "
                      "generated text): set it to 0")

@@ -123,6 +123,9 @@ def sample_next(logits: Tensor, cfg: SamplingConfig,
     if cfg.temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    # A diverged student (inf/NaN logits) draws uniformly instead of crashing the draw: its loss is
+    # then non-finite too, and the trainer skips the step on every rank.
+    probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, torch.ones_like(probs))
     if cfg.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # the mass of the more likely tokens

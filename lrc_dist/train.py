@@ -386,18 +386,21 @@ def take_step(backend, model: DistillationModel, micro: list[dict], cfg: TrainCo
                   if cfg.loss_spike_factor and len(state["recent_losses"]) >= SPIKE_WARMUP else None)
     sums: dict[str, torch.Tensor] = {}
     bad = None
-    decoder = None
+    on_policy = [{} for _ in micro]  # per micro-batch: its continued windows' inputs and metrics
     if cfg.loss.on_policy_ratio:  # every rank, every step: the gathers are collective
         decoder = Decoder.of(materialised_student(model, backend.gathered, dtype_of(cfg.model.dtype)))
-    for i, m in enumerate(micro):
-        inputs = {k: v.to(info.device) for k, v in m.items()}
+        for m, continued in zip(micro, on_policy):
+            ids, labels, lm_labels, metrics = on_policy_batch(m["input_ids"].to(info.device), m["labels"].to(info.device),
+                                                              m["on_policy_seeds"], lambda: decoder, cfg.loss)
+            continued.update(input_ids=ids, labels=labels, metrics=metrics,
+                             **({"lm_labels": lm_labels} if lm_labels is not None else {}))
+        del decoder  # the student's copy goes before the forwards and backwards
+    for i, (m, continued) in enumerate(zip(micro, on_policy)):
+        inputs = {k: v.to(info.device) for k, v in m.items() if k != "on_policy_seeds"}
         if "aligned" in counts:
             inputs["aligned_normalizer"] = counts["aligned"]
-        extra = {}
-        if decoder is not None:
-            ids, labels, lm_labels, extra = on_policy_batch(inputs["input_ids"], inputs["labels"],
-                                                            inputs.pop("on_policy_seeds"), lambda: decoder, cfg.loss)
-            inputs.update(input_ids=ids, labels=labels, **({"lm_labels": lm_labels} if lm_labels is not None else {}))
+        extra = continued.pop("metrics", {})
+        inputs.update(continued)
         loss, metrics = backend.model(loss_cfg=cfg.loss, normalizer=counts["tokens"], **inputs)
         metrics = {**metrics, **extra}
         finite = torch.isfinite(loss.detach()).float()

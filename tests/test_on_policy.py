@@ -110,6 +110,7 @@ def test_on_policy_runs_resume_exactly_and_differ_from_off_policy(one_process, t
     ({"loss.on_policy_ratio": 0.5, "loss.on_policy_new_tokens": 0}, "on_policy_new_tokens=0"),
     ({"loss.on_policy_ratio": 0.5, "loss.on_policy_top_p": 0.0}, "on_policy_top_p"),
     ({"loss.on_policy_ratio": 0.5, "model.method": "lm"}, "needs a teacher"),
+    ({"loss.on_policy_ratio": 0.5, "data.document_mask": True}, "data.document_mask"),
 ])
 def test_bad_on_policy_settings_are_refused_naming_the_key(overrides, message):
     import re

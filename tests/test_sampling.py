@@ -50,6 +50,8 @@ def test_nucleus_and_temperature():
     assert nucleus[2:].sum() == 0 and nucleus[0] == pytest.approx(0.625, abs=0.03)
     assert freq(SamplingConfig())[3] == pytest.approx(0.05, abs=0.015)
     assert freq(SamplingConfig(temperature=0.25))[0] > 0.85  # p^4, renormalised: 0.88
+    diverged = torch.tensor([[0.0, float("nan"), 1.0, 2.0]]).expand(4000, 4)
+    assert torch.bincount(sample_next(diverged, SamplingConfig(), g), minlength=4).min() > 800  # uniform, no crash
 
 
 def test_rows_that_end_are_padded_with_eos(tmp_path):
