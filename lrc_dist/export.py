@@ -37,7 +37,7 @@ from transformers import PretrainedConfig
 from lrc_dist.build import build_model, dtype_of
 from lrc_dist.checkpoint import LATEST, TRAIN_STATE, Checkpointer, CheckpointDamaged, damage, read_train_state
 from lrc_dist.config import TrainConfig, config_of
-from lrc_dist.interface import DistillationModel
+from lrc_dist.interface import DistillationModel, StudentPart
 from lrc_dist.lrc import LRC_CONFIG_FILE, check_teacher, load_lrc, read_lrc_meta
 from lrc_dist.model import CheckpointError
 from lrc_dist.parallel import full_tensors
@@ -91,19 +91,29 @@ def gathered_to_cpu(gathered: Gather, names: list[str], is_main: bool) -> dict[s
     return values
 
 
+def part_tensors(model: nn.Module, parts: Iterator[StudentPart], gathered: Gather, convert: Callable[[Tensor], Tensor],
+                 is_main: bool = True) -> dict[str, Tensor]:
+    """{name: convert(tensor)} of every part's tensors (`student_parts`, `dense_parts`), each part
+    computed in fp32 from the full values of the parameters it names: at most one part's
+    parameters are gathered at a time. Collective when `gathered` is; only where `is_main` are
+    they computed ({} elsewhere). `convert` makes tensors of their own (a part may return views)."""
+    state: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for names, part in parts:
+            with full_parameters(model, gathered, names, is_main):
+                if is_main:
+                    state.update({k: convert(v) for k, v in part().items()})
+    return state
+
+
 def student_tensors(model: DistillationModel, gathered: Gather, dtype: torch.dtype, is_main: bool = True
                     ) -> dict[str, Tensor]:
     """The student's Hugging Face tensors, on CPU in `dtype`, computed in fp32 part by part
-    (`student_parts`): at most one part's parameters are gathered at a time. Collective when
-    `gathered` is; only on the main rank are they computed ({} elsewhere)."""
-    state: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for names, part in model.student_parts():
-            with full_parameters(model, gathered, names, is_main):
-                if is_main:  # tensors of their own: safetensors refuses views (ZeRO-1/2 keeps flat buffers)
-                    state.update({k: v.to("cpu", dtype, copy=True, memory_format=torch.contiguous_format)
-                                  for k, v in part().items()})
-    return state
+    (`part_tensors` of `student_parts`). Collective when `gathered` is; only on the main rank are
+    they computed ({} elsewhere)."""
+    # tensors of their own: safetensors refuses views (ZeRO-1/2 keeps flat buffers)
+    return part_tensors(model, model.student_parts(), gathered,
+                        lambda v: v.to("cpu", dtype, copy=True, memory_format=torch.contiguous_format), is_main)
 
 
 # ---- writing an export ------------------------------------------------------------------------------

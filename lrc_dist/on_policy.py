@@ -22,12 +22,11 @@ student's weights once more in device memory while the step's micro-batches are 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from lrc_dist.export import Gather, full_parameters
+from lrc_dist.export import Gather, part_tensors
 from lrc_dist.families import ModelArgs
 from lrc_dist.interface import DistillationModel
 from lrc_dist.losses import IGNORE_INDEX, LossConfig
@@ -45,8 +44,8 @@ def on_policy_samples(sample_ids: Tensor, ratio: float) -> Tensor:
 
 
 def on_policy_seeds(sample_ids: Tensor, ratio: float, seed: int) -> Tensor:
-    """Per sample: the seed of its generator when it is on-policy, else -1 (the trainer passes these
-    to the model's forward as `on_policy_seeds`)."""
+    """Per sample: the seed of its generator when it is on-policy, else -1 (the batches carry these
+    as `on_policy_seeds`, for `on_policy_batch`)."""
     seeds = seed * SEED_STRIDE + sample_ids
     return torch.where(on_policy_samples(sample_ids, ratio), seeds, torch.full_like(seeds, -1))
 
@@ -56,10 +55,7 @@ def materialised_student(model: DistillationModel, gathered: Gather, dtype: torc
     """The student of `model` as an ordinary CausalLM, on the parameters' device in `dtype`, on
     every rank: its Hugging Face tensors (`student_parts`), each part gathered (collective) and
     computed in fp32 as the export does."""
-    state = {}
-    for names, part in model.student_parts():
-        with full_parameters(model, gathered, names, True):
-            state.update({k: v.detach().to(dtype, copy=True).contiguous() for k, v in part().items()})
+    state = part_tensors(model, model.student_parts(), gathered, lambda v: v.to(dtype, copy=True).contiguous())
     config = model.student_hf_config()
     with torch.device("meta"):
         student = CausalLM(ModelArgs.from_hf(config), config)
@@ -71,10 +67,10 @@ def sampling_config(cfg: LossConfig) -> SamplingConfig:
     return SamplingConfig(cfg.on_policy_new_tokens, cfg.on_policy_temperature, cfg.on_policy_top_p)
 
 
-def on_policy_batch(input_ids: Tensor, labels: Tensor, seeds: Tensor, decoder: Callable[[], Decoder],
+def on_policy_batch(input_ids: Tensor, labels: Tensor, seeds: Tensor, decoder: Decoder,
                     cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
     """(input_ids, labels, LM labels, metrics) of the micro-batch with its on-policy windows (seeds
-    >= 0) continued by the student, `decoder()` (called only when there is one). The LM labels
+    >= 0) continued by the student, `decoder`. The LM labels
     are None when no window is on-policy: they are the labels then. The metrics are there either
     way (every rank's micro-batches must log the same keys)."""
     rows = (seeds >= 0).nonzero().flatten()
@@ -88,7 +84,7 @@ def on_policy_batch(input_ids: Tensor, labels: Tensor, seeds: Tensor, decoder: C
     windows = torch.cat([input_ids, labels[:, -1:]], dim=1)  # the L + 1 tokens of each window
     generators = [torch.Generator(device=input_ids.device).manual_seed(int(s)) for s in seeds[rows]]
     tick = time.perf_counter()
-    continued = generate(decoder(), windows[rows, :prompt], sampling_config(cfg), generators)
+    continued = generate(decoder, windows[rows, :prompt], sampling_config(cfg), generators)
     seconds = time.perf_counter() - tick
     windows = windows.clone()
     windows[rows] = continued

@@ -34,7 +34,7 @@ from lrc_dist.cluster import EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEM
     die_with_launcher, lock_run_dir
 from lrc_dist.config import ConfigError, TrainConfig, parse_args, resume_changes, to_dict
 from lrc_dist.data import DistributedBatches
-from lrc_dist.export import export_run, full_parameters
+from lrc_dist.export import export_run, part_tensors
 from lrc_dist.interface import DistillationModel
 from lrc_dist.lrc import check_teacher
 from lrc_dist.metrics import (AgreementWatch, MetricsLogger, add_to_interval, human, interval_means, memory_gb,
@@ -200,13 +200,8 @@ def dense_state(model: DistillationModel, backend) -> dict[str, torch.Tensor]:
     """The dense phase's tensors (`LowRankClone.dense_parts`) computed from the LRC model being
     trained, in fp32 on CPU, on every rank; a sharded model is gathered one part at a time, as an
     export gathers it (collective). Memory: the full student in fp32 on each rank's host."""
-    state: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for names, part in model.dense_parts():
-            with full_parameters(model, backend.gathered, names, True):
-                state.update({k: v.to("cpu", torch.float32, copy=True, memory_format=torch.contiguous_format)
-                              for k, v in part().items()})
-    return state
+    return part_tensors(model, model.dense_parts(), backend.gathered,
+                        lambda v: v.to("cpu", torch.float32, copy=True, memory_format=torch.contiguous_format))
 
 
 def dense_model(cfg: TrainConfig, info: DistInfo, grad_accum: int, state: dict[str, torch.Tensor],
@@ -391,9 +386,8 @@ def take_step(backend, model: DistillationModel, micro: list[dict], cfg: TrainCo
         decoder = Decoder.of(materialised_student(model, backend.gathered, dtype_of(cfg.model.dtype)))
         for m, continued in zip(micro, on_policy):
             ids, labels, lm_labels, metrics = on_policy_batch(m["input_ids"].to(info.device), m["labels"].to(info.device),
-                                                              m["on_policy_seeds"], lambda: decoder, cfg.loss)
-            continued.update(input_ids=ids, labels=labels, metrics=metrics,
-                             **({"lm_labels": lm_labels} if lm_labels is not None else {}))
+                                                              m["on_policy_seeds"], decoder, cfg.loss)
+            continued.update(input_ids=ids, labels=labels, lm_labels=lm_labels, metrics=metrics)
         del decoder  # the student's copy goes before the forwards and backwards
     for i, (m, continued) in enumerate(zip(micro, on_policy)):
         inputs = {k: v.to(info.device) for k, v in m.items() if k != "on_policy_seeds"}

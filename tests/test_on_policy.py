@@ -41,7 +41,7 @@ def test_the_batch_keeps_the_prompt_samples_the_rest_and_masks_its_lm_labels(tmp
     student = CausalLM.from_pretrained(build_checkpoint(tmp_path / "s", "qwen2"))
     seeds = torch.tensor([-1, 11, -1, 12])
     ids, labels, lm_labels, metrics = on_policy_batch(WINDOWS[:, :-1], WINDOWS[:, 1:], seeds,
-                                                      lambda: Decoder.of(student), CFG)
+                                                      Decoder.of(student), CFG)
     prompt = 13 - 5
     for row, seed in ((1, 11), (3, 12)):
         want = generate(student, WINDOWS[row : row + 1, :prompt], sampling_config(CFG),
@@ -59,7 +59,7 @@ def test_kd_loss_on_a_generated_batch_equals_a_direct_computation(tmp_path):
     teacher = CausalLM.from_pretrained(build_checkpoint(tmp_path / "t", "qwen2"))
     model = KnowledgeDistillation(student_like(teacher, 40, 0), teacher)
     ids, labels, lm_labels, _ = on_policy_batch(WINDOWS[:, :-1], WINDOWS[:, 1:], torch.tensor([-1, 11, -1, 12]),
-                                                lambda: Decoder.of(model.student), CFG)
+                                                Decoder.of(model.student), CFG)
     loss, metrics = model(ids, labels, CFG, lm_labels=lm_labels)
     with torch.no_grad():
         z_s, z_t = model.student(ids).flatten(0, 1), teacher(ids).flatten(0, 1)
@@ -78,7 +78,7 @@ def test_lrc_samples_from_its_own_student_and_its_lm_term_skips_generated_labels
     model = LowRankClone.from_teacher(build_checkpoint(tmp_path / "t", "llama3"), LRCConfig(40, init_std=0.1))
     student = materialised_student(model, functools.partial(full_tensors, model), torch.float32)
     ids, labels, lm_labels, _ = on_policy_batch(WINDOWS[:, :-1], WINDOWS[:, 1:], torch.tensor([7, -1, -1, -1]),
-                                                lambda: Decoder.of(student), CFG)
+                                                Decoder.of(student), CFG)
     with torch.no_grad():
         logits = model.lockstep(ids).student_hidden @ model.student_head_weight().T
         assert ((student(ids) - logits).norm() / logits.norm()).item() < 1e-5
