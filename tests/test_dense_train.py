@@ -112,6 +112,7 @@ def test_fsdp_resumed_across_the_switch_gives_the_one_process_curve(frozen_refer
     assert_export_as_from_disk(tmp_path, 6, tmp_path / "scratch")
 
 
+@pytest.mark.slow  # ~90 s; the FSDP variant above runs by default
 def test_zero3_through_the_switch_and_resumed_after_it_gives_the_one_process_curve(dense_reference, tiny_job,
                                                                                    tmp_path):
     flags = [f"--{k}={v}" for k, v in DENSE.items()]
