@@ -234,6 +234,9 @@ class TeacherRetokenizer:
       position align_student[b, k] and teacher position align_teacher[b, k] have read the same
       text and predict the same token (see the module doc); K is the most pairs of a row.
     - aligned_ratio: aligned pairs / student positions (B * T), a float.
+    - clone_student, clone_teacher, clone_mask [B, K']: the positions that have read the same
+      text, whatever token follows (both tokens' spans end at the same byte): where LRC across
+      tokenizers compares the two models' activations. A superset of the aligned pairs.
     """
 
     def __init__(
@@ -273,17 +276,34 @@ class TeacherRetokenizer:
             )
         self.byte_tokens = [single.get(bytes([b]), -1) for b in range(256)]
 
+    def _spelling(self, text: bytes) -> list[str | list[int]]:
+        """Bytes as UTF-8 text runs for the teacher to encode and its single-byte tokens for the
+        bytes that are not UTF-8 (characters cut by a window's edge)."""
+        parts: list[str | list[int]] = []
+        for k, run in enumerate(_NOT_UTF8.split(text.decode("utf-8", "surrogateescape"))):
+            if k % 2:  # escaped bytes 0x80-0xFF
+                parts.append([self.byte_tokens[ord(c) - 0xDC00] for c in run])
+            elif run:
+                parts.append(run)
+        return parts
+
+    def encode(self, plans: list[list[str | list[int]]]) -> list[np.ndarray]:
+        """The teacher's ids of each plan (text runs encoded in one batch, ids kept as they are)."""
+        texts = [part for plan in plans for part in plan if isinstance(part, str)]
+        encoded = iter(self.teacher.tokenizer.encode_batch_fast(texts, add_special_tokens=False))
+        return [np.array([t for part in plan for t in (next(encoded).ids if isinstance(part, str) else part)],
+                         np.int64) for plan in plans]
+
+    def spell(self, pieces: Sequence[bytes]) -> list[np.ndarray]:
+        """The teacher's ids that spell each byte string (e.g. a student token's bytes)."""
+        return self.encode([self._spelling(p) for p in pieces])
+
     def _teacher_parts(self, window: np.ndarray) -> list[str | list[int]]:
         """A window as text for the teacher to encode and teacher ids to insert as they are: EOS
         at the student's EOS, single-byte tokens for bytes that are not UTF-8."""
         pieces, student_ids, parts, start = self.student.pieces, window.tolist(), [], 0
         for end in [*np.flatnonzero(window == self.student.eos_id).tolist(), len(student_ids)]:
-            text = b"".join([pieces[t] for t in student_ids[start:end]]).decode("utf-8", "surrogateescape")
-            for k, run in enumerate(_NOT_UTF8.split(text)):  # odd k: escaped bytes 0x80-0xFF
-                if k % 2:
-                    parts.append([self.byte_tokens[ord(c) - 0xDC00] for c in run])
-                elif run:
-                    parts.append(run)
+            parts += self._spelling(b"".join([pieces[t] for t in student_ids[start:end]]))
             if end < len(student_ids):
                 parts.append([self.teacher.eos_id])
             start = end + 1
@@ -295,20 +315,14 @@ class TeacherRetokenizer:
                 f"window_ids must be [B, T + 1] student ids with T >= 1, got shape {list(window_ids.shape)}"
             )
         windows = window_ids.cpu().numpy().astype(np.int64)
-        plans = [self._teacher_parts(row) for row in windows]
-        texts = [part for plan in plans for part in plan if isinstance(part, str)]
-        encoded = iter(self.teacher.tokenizer.encode_batch_fast(texts, add_special_tokens=False))
-        teacher_rows = [
-            np.array([t for part in plan for t in (next(encoded).ids if isinstance(part, str) else part)], np.int64)
-            for plan in plans
-        ]
+        teacher_rows = self.encode([self._teacher_parts(row) for row in windows])
 
         batch, seq_len = windows.shape[0], windows.shape[1] - 1
         width = max(len(t) - 1 for t in teacher_rows)
         width = width if self.max_len is None else min(width, self.max_len)
         teacher_input = np.full((batch, width), self.teacher.eos_id, dtype=np.int64)
         teacher_labels = np.full((batch, width), -100, dtype=np.int64)
-        pairs = []
+        pairs, clone_pairs = [], []
         for b, (student, teacher) in enumerate(zip(windows, teacher_rows, strict=True)):
             n = min(len(teacher) - 1, width)
             teacher_input[b, :n], teacher_labels[b, :n] = teacher[:n], teacher[1 : n + 1]
@@ -319,14 +333,12 @@ class TeacherRetokenizer:
             # Token pair (i, j) is predicted at positions (i - 1, j - 1); the teacher's must be an input.
             keep = (self.student_to_teacher[student[j]] == teacher[i]) & (i > 0) & (j > 0) & (i <= width)
             pairs.append((i[keep] - 1, j[keep] - 1))
+            # Input positions whose tokens end at the same byte: both have read the same text.
+            _, i, j = np.intersect1d(np.cumsum(t_lengths)[:n], np.cumsum(s_lengths)[:seq_len], return_indices=True)
+            clone_pairs.append((i, j))
 
-        k = max(len(i) for i, _ in pairs)
-        align_teacher = torch.zeros(batch, k, dtype=torch.long)
-        align_student = torch.zeros(batch, k, dtype=torch.long)
-        align_mask = torch.zeros(batch, k, dtype=torch.bool)
-        for b, (i, j) in enumerate(pairs):
-            align_teacher[b, : len(i)], align_student[b, : len(j)] = torch.from_numpy(i), torch.from_numpy(j)
-            align_mask[b, : len(i)] = True
+        align_teacher, align_student, align_mask = _padded(pairs)
+        clone_teacher, clone_student, clone_mask = _padded(clone_pairs)
         return {
             "teacher_input_ids": torch.from_numpy(teacher_input),
             "teacher_labels": torch.from_numpy(teacher_labels),
@@ -334,4 +346,18 @@ class TeacherRetokenizer:
             "align_teacher": align_teacher,
             "align_mask": align_mask,
             "aligned_ratio": sum(len(i) for i, _ in pairs) / (batch * seq_len),
+            "clone_student": clone_student,
+            "clone_teacher": clone_teacher,
+            "clone_mask": clone_mask,
         }
+
+
+def _padded(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row position pairs as (teacher positions, student positions, mask) [B, most pairs of a row]."""
+    k = max(len(i) for i, _ in pairs)
+    teacher, student = torch.zeros(len(pairs), k, dtype=torch.long), torch.zeros(len(pairs), k, dtype=torch.long)
+    mask = torch.zeros(len(pairs), k, dtype=torch.bool)
+    for b, (i, j) in enumerate(pairs):
+        teacher[b, : len(i)], student[b, : len(j)] = torch.from_numpy(i), torch.from_numpy(j)
+        mask[b, : len(i)] = True
+    return teacher, student, mask

@@ -8,17 +8,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from lrc_dist.align import vocab_overlap
+from lrc_dist.align import TeacherRetokenizer, vocab_overlap
 from lrc_dist.config import TrainConfig
 from lrc_dist.data import PackedMixture, TokenSet
 from lrc_dist.dskd import projector_lr_scale
-from lrc_dist.indexed_dataset import Manifest
+from lrc_dist.indexed_dataset import Manifest, tokenizer_sha256
 from lrc_dist.interface import DistillationModel
 from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
 from lrc_dist.lrc import LowRankClone
-from lrc_dist.model import CausalLM
+from lrc_dist.lrc_config import LRCConfig
+from lrc_dist.lrc_files import LRC_CONFIG_FILE, LRC_WEIGHTS_FILE, check_teacher, read_lrc_meta
+from lrc_dist.model import CausalLM, CheckpointError
 from lrc_dist.projection_init import CALIBRATED, init_from_teacher
+from lrc_dist.vocab import StudentVocab
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -62,7 +67,7 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None, device: torc
         overlap = vocab_overlap(m.teacher, m.student) if m.cross_tokenizer() else None
         model = KnowledgeDistillation(student, teacher, overlap)
     else:
-        model = LowRankClone(teacher, m.lrc)
+        model = LowRankClone(teacher, m.lrc, StudentVocab.load(m.teacher, m.student) if m.cross_tokenizer() else None)
     if cfg.data.document_mask:
         model.set_document_mask(Manifest.read(Path(cfg.data.paths[0]) / "manifest.json").tokenizer["eos_id"])
     if m.method == "lrc":  # after the mask: a calibration forward reads documents as training does
@@ -94,6 +99,46 @@ def training_mixture(cfg: TrainConfig, vocab_size: int) -> PackedMixture:
 
 def calibration_windows(cfg: TrainConfig, vocab_size: int) -> torch.Tensor:
     """The input tokens [lrc.init_samples, seq_len] of the run's first samples (all of them if the run
-    has fewer), the same on every rank whatever the world size: the projection init's calibration data."""
+    has fewer), the same on every rank whatever the world size: the projection init's calibration data.
+    Across tokenizers: the teacher's tokens of their text (right-padded with its EOS)."""
     mixture = training_mixture(cfg, vocab_size)
-    return torch.stack([mixture[i][:-1] for i in range(min(cfg.model.lrc.init_samples, len(mixture)))])
+    windows = torch.stack([mixture[i] for i in range(min(cfg.model.lrc.init_samples, len(mixture)))])
+    if cfg.model.cross_tokenizer():  # the teacher's stream: its tokens of the same text
+        return TeacherRetokenizer(cfg.model.student, cfg.model.teacher, teacher_max_len(cfg))(windows)["teacher_input_ids"]
+    return windows[:, :-1]
+
+
+def teacher_max_len(cfg: TrainConfig) -> int:
+    """Across tokenizers: the most teacher tokens a window's text may take (data.teacher_max_len)."""
+    return cfg.data.teacher_max_len or 2 * cfg.data.seq_len
+
+
+def load_lrc(path: str | Path, teacher_path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LowRankClone:
+    """Rebuild a saved LRC model; `teacher_path` overrides the teacher directory recorded at save time."""
+    path = Path(path)
+    meta = read_lrc_meta(path)
+    teacher = teacher_path or meta["teacher"]
+    check_teacher(teacher, meta.get("teacher_fingerprint"), path / LRC_CONFIG_FILE)
+    vocab = None
+    if meta.get("student_tokenizer"):
+        tokenizer = Path(meta["student_tokenizer"])
+        if not (tokenizer / "tokenizer.json").is_file() or tokenizer_sha256(
+                tokenizer / "tokenizer.json") != meta["student_tokenizer_sha256"]:
+            raise CheckpointError(f"{path / LRC_CONFIG_FILE}: the student's tokenizer {tokenizer / 'tokenizer.json'} "
+                                  f"is missing or not the one it was trained with (sha256 "
+                                  f"{meta['student_tokenizer_sha256'][:12]}); put it back there.")
+        vocab = StudentVocab.load(teacher, tokenizer)
+    model = LowRankClone(CausalLM.from_pretrained(teacher, dtype=dtype), LRCConfig(**meta["lrc"]), vocab)
+    if meta.get("dense"):
+        model.densify({})
+    try:
+        state = {k: v.to(dtype) for k, v in load_file(str(path / LRC_WEIGHTS_FILE)).items()}
+    except (SafetensorError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path / LRC_WEIGHTS_FILE} cannot be read ({e}): it is missing, truncated or "
+                              f"corrupt.") from None
+    expected = model.trainable_state_dict()
+    if set(state) != set(expected):
+        raise CheckpointError(f"{path / LRC_WEIGHTS_FILE} does not fit teacher {meta['teacher']}: "
+                              f"missing {sorted(set(expected) - set(state))[:5]}, extra {sorted(set(state) - set(expected))[:5]}.")
+    model.load_state_dict(state, strict=False)
+    return model

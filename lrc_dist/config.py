@@ -24,7 +24,7 @@ import yaml
 
 from lrc_dist.indexed_dataset import tokenizer_sha256
 from lrc_dist.losses import LossConfig
-from lrc_dist.lrc import LRCConfig
+from lrc_dist.lrc_config import LRCConfig
 from lrc_dist.resources import shipped
 
 
@@ -49,7 +49,9 @@ class ModelConfig:
     student: str = ""
     """kd/lm: a checkpoint dir with the student's config.json (and tokenizer; its weights, if any,
     are the start); kd without it: a random student of the LRC student's shape; kd with a
-    tokenizer.json other than the teacher's: distillation across tokenizers"""
+    tokenizer.json other than the teacher's: distillation across tokenizers. lrc: a dir with the
+    student's own tokenizer (tokenizer.json and its files; anything else there is not read), for
+    LRC across tokenizers (lrc_dist/vocab.py); unset: the student inherits the teacher's"""
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """teacher weights and compute; trainable tensors stay fp32 masters"""
     lrc: LRCConfig = field(default_factory=lambda: LRCConfig(student_hidden_size=0))
@@ -61,10 +63,10 @@ class ModelConfig:
         return self.teacher or self.student
 
     def cross_tokenizer(self) -> bool:
-        """kd whose student has a tokenizer.json other than the teacher's (compared by sha256):
-        the data is in the student's tokens, the teacher reads them re-tokenized, and the KD
-        terms compare aligned positions on the shared vocabulary (lrc_dist.align)."""
-        if self.method != "kd" or not self.student or not self.teacher:
+        """kd or lrc whose student has a tokenizer.json other than the teacher's (compared by
+        sha256): the data is in the student's tokens, the teacher reads them re-tokenized, and the
+        KD terms (and LRC's clone terms) compare aligned positions (lrc_dist.align)."""
+        if self.method not in ("kd", "lrc") or not self.student or not self.teacher:
             return False
         student, teacher = Path(self.student) / "tokenizer.json", Path(self.teacher) / "tokenizer.json"
         return student.is_file() and teacher.is_file() and tokenizer_sha256(student) != tokenizer_sha256(teacher)

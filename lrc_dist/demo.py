@@ -1,6 +1,7 @@
 """The whole job end to end on a CPU, from nothing but this repository and Python's standard library.
 
     python -m lrc_dist.demo [--out runs/demo] [--preset default|quick] [--dskd] [--beyond] [--on_policy]
+                            [--cross_tokenizer]
 
 1. corpus: English prose from Python's own documentation (pydoc_data topics) and the docstrings
    of the standard library, split by document into train and held-out sets.
@@ -9,9 +10,12 @@
    pre-trained on the corpus first (`model.method: lm`).
 4. students at d_S = teacher width / 2, same token budget each: LRC, LRC without the clone loss
    (alpha = 0), and plain logit KD into a randomly initialised student of the same shape;
-   --dskd and --beyond add more (DSKD; document masking, the projection inits, the dense phase).
-5. HF export of each, then evaluation with transformers: held-out perplexity and the shipped
-   multiple-choice task (assets/tasks/pydoc_cloze.jsonl, cut from held-out documents).
+   --dskd and --beyond add more (DSKD; document masking, the projection inits, the dense phase);
+   --cross_tokenizer adds students with a vocabulary of their own (Whisper's multilingual BPE,
+   shipped), distilled from the teacher's BPE by LRC and by KD across tokenizers.
+5. HF export of each, then evaluation with transformers: held-out perplexity, bits per byte over
+   the whole held-out split (comparable across vocabularies) and the shipped multiple-choice task
+   (assets/tasks/pydoc_cloze.jsonl, cut from held-out documents).
 6. summary.md (the comparison table), results.json, and losses.png (every loss term, per run).
 
 Every stage runs the product's own entry points (tokenize_corpus, train, export, evaluate), in
@@ -34,9 +38,13 @@ import pydoc_data.topics
 import torch
 import transformers
 
+from lrc_dist.align import ByteVocab
 from lrc_dist.config import load_config
 from lrc_dist.evaluate import SHIPPED_TASKS, choice, perplexity
+from lrc_dist.model import load_config as load_hf_config
+from lrc_dist.model import resized_config
 from lrc_dist.pretokenize import tokenize_corpus
+from lrc_dist.resources import PACKAGE
 from lrc_dist.train import train
 
 HELD_OUT_EVERY = 10  # every 10th document (by sorted name) is held out
@@ -85,6 +93,15 @@ ON_POLICY = {"loss.on_policy_ratio": 0.5, "loss.on_policy_new_tokens": "QUARTER"
 ON_POLICY_STUDENTS = {
     "lrc_on_policy": ("LRC, on-policy half", ON_POLICY),
     "kd_on_policy": ("plain KD, on-policy half", {"model.method": "kd", **ON_POLICY}),
+}
+# --cross_tokenizer: students with their own tokenizer (issue 15), trained on the corpus in its tokens
+# while the teacher reads its own; compared with the others in bits per byte.
+STUDENT_TOKENIZER = PACKAGE / "assets" / "tokenizers" / "whisper_multilingual"
+CROSS_STUDENTS = {
+    "lrc_xtok": ("LRC, Whisper tokenizer", {"model.student": "TOKENIZER"}),
+    "lrc_xtok_activation": ("LRC, Whisper tokenizer, activation init", {"model.student": "TOKENIZER",
+                                                                        "model.lrc.init": "activation"}),
+    "kd_xtok": ("plain KD, Whisper tokenizer, random init", {"model.method": "kd", "model.student": "KD_STUDENT"}),
 }
 RANK_WINDOWS = 16  # held-out windows whose final hidden states give the effective rank
 
@@ -169,6 +186,20 @@ def write_teacher_config(out: Path, p: dict) -> None:
                 tie_word_embeddings=True, eos_token_id=0, bos_token_id=0).save_pretrained(out)
 
 
+def write_cross_student(out: Path, teacher: Path, width: int) -> None:
+    """A KD student of the LRC student's shape with Whisper's vocabulary: its config (no weights: a
+    random init) and the tokenizer files."""
+    import shutil
+
+    config = load_hf_config(teacher)
+    config = resized_config(config, width, config.head_dim, config.rms_norm_eps, config.tie_word_embeddings)
+    vocab = ByteVocab.load(STUDENT_TOKENIZER)
+    config.vocab_size, config.eos_token_id, config.bos_token_id = len(vocab.pieces), vocab.eos_id, vocab.eos_id
+    config.save_pretrained(out)
+    for file in STUDENT_TOKENIZER.iterdir():
+        shutil.copy2(file, out / file.name)
+
+
 def run_training(run_dir: Path, p: dict, steps: int, lr: float, overrides: dict) -> Path:
     """Train (or reuse a finished run); returns its final HF export."""
     export = run_dir / f"export_{steps:08d}" / "hf"
@@ -190,7 +221,7 @@ def run_training(run_dir: Path, p: dict, steps: int, lr: float, overrides: dict)
 
 
 def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dskd: bool = False,
-         beyond: bool = False, on_policy: bool = False) -> dict:
+         beyond: bool = False, on_policy: bool = False, cross_tokenizer: bool = False) -> dict:
     """Run the whole pipeline into OUT; prints and writes the comparison (summary.md, losses.png).
     With `dskd`, two more students: LRC and a random-init student trained by DSKD instead of KL;
     with `beyond`, the LRC students of BEYOND_STUDENTS. Finished stages are reused."""
@@ -216,11 +247,12 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
         write_jsonl(root / "held_out.jsonl", held_out)
         train_tokenizer(root / "train.jsonl", teacher_init, p["vocab"])
         write_teacher_config(teacher_init, p)
-    for name in ("train", "held_out"):
-        if (root / "tokens" / name / "manifest.json").is_file():
-            print(f"   reused: the token set {root / 'tokens' / name}", flush=True)
+    sets = {"tokens": teacher_init, **({"tokens_whisper": STUDENT_TOKENIZER} if cross_tokenizer else {})}
+    for (tokens, tokenizer), name in itertools.product(sets.items(), ("train", "held_out")):
+        if (root / tokens / name / "manifest.json").is_file():
+            print(f"   reused: the token set {root / tokens / name}", flush=True)
         else:
-            tokenize_corpus(str(root / f"{name}.jsonl"), str(teacher_init), str(root / "tokens" / name), workers=1,
+            tokenize_corpus(str(root / f"{name}.jsonl"), str(tokenizer), str(root / tokens / name), workers=1,
                             progress=False)
     data = {"data.paths": [str(root / "tokens" / "train")]}
 
@@ -231,30 +263,41 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
     print("== 3/5 students: same token budget each", flush=True)
     exports = {"teacher": teacher}
     students = {**STUDENTS, **(DSKD_STUDENTS if dskd else {}), **(BEYOND_STUDENTS if beyond else {}),
-                **(ON_POLICY_STUDENTS if on_policy else {})}
+                **(ON_POLICY_STUDENTS if on_policy else {}), **(CROSS_STUDENTS if cross_tokenizer else {})}
+    if cross_tokenizer and not (root / "kd_xtok_init" / "config.json").is_file():
+        write_cross_student(root / "kd_xtok_init", teacher, p["width"] // 2)
+    placeholders = {"QUARTER": p["seq_len"] // 4, "TOKENIZER": str(STUDENT_TOKENIZER),
+                    "KD_STUDENT": str(root / "kd_xtok_init")}
+    held_out = {}  # name -> its held-out token set
     for name, (label, overrides) in students.items():
         print(f"-- {label}", flush=True)
-        overrides = {k: p["seq_len"] // 4 if v == "QUARTER" else v for k, v in overrides.items()}
+        overrides = {k: placeholders.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
+        own = name in CROSS_STUDENTS  # the corpus in the student's tokens
+        held_out[name] = root / ("tokens_whisper" if own else "tokens") / "held_out"
         exports[name] = run_training(root / name, p, p["student_steps"], p["student_lr"], {
-            **data, "model.teacher": str(teacher), "model.lrc.student_hidden_size": p["width"] // 2, **overrides})
+            **data, **({"data.paths": [str(root / "tokens_whisper" / "train")]} if own else {}),
+            "model.teacher": str(teacher), "model.lrc.student_hidden_size": p["width"] // 2, **overrides})
 
     print("== 4/5 evaluation (transformers loads each export)", flush=True)
     results = {}
     for i, (name, path) in enumerate(exports.items(), 1):
         cached, tick = path.parent / "eval.json", time.perf_counter()
-        if cached.is_file() and "effective_rank" in json.loads(cached.read_text()):
+        if cached.is_file() and "bits_per_byte" in json.loads(cached.read_text()):
             results[name], how = json.loads(cached.read_text()), "reused"
         else:
-            ppl = perplexity(str(path), str(root / "tokens" / "held_out"), seq_len=p["seq_len"],
-                             max_windows=p["eval_windows"], progress=False, rank_windows=RANK_WINDOWS)
+            tokens = str(held_out.get(name, root / "tokens" / "held_out"))
+            ppl = perplexity(str(path), tokens, seq_len=p["seq_len"], max_windows=p["eval_windows"], progress=False,
+                             rank_windows=RANK_WINDOWS)
             task = choice(str(path), str(TASK), progress=False)
-            results[name] = {"perplexity": ppl["perplexity"], "cloze_acc": task["acc"],
+            # bits per byte over every held-out window: the same text whatever the vocabulary
+            bpb = perplexity(str(path), tokens, seq_len=p["seq_len"], progress=False)["bits_per_byte"]
+            results[name] = {"perplexity": ppl["perplexity"], "bits_per_byte": bpb, "cloze_acc": task["acc"],
                              "cloze_acc_norm": task["acc_norm"], "params": _params(path),
                              "effective_rank": ppl["effective_rank"]}
             cached.write_text(json.dumps(results[name]))
             how = f"{time.perf_counter() - tick:.0f} s"
         print(f"   [{i}/{len(exports)}] {name}: perplexity {results[name]['perplexity']:.2f}, "
-              f"cloze acc {results[name]['cloze_acc']:.3f} ({how})", flush=True)
+              f"{results[name]['bits_per_byte']:.4f} bits/byte, cloze acc {results[name]['cloze_acc']:.3f} ({how})", flush=True)
     train_tokens = p["student_steps"] * p["batch"] * p["seq_len"]
     table = summary_table(results, train_tokens, p, students)
     (root / "results.json").write_text(json.dumps(results, indent=2))
@@ -279,14 +322,16 @@ def _params(path: Path) -> int:
 
 
 def summary_table(results: dict, train_tokens: int, p: dict, students: dict) -> str:
-    rows = ["| model | parameters | held-out perplexity | cloze acc | cloze acc_norm | effective rank |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model | parameters | held-out perplexity | held-out bits/byte | cloze acc | cloze acc_norm | "
+            "effective rank |", "|---|---|---|---|---|---|---|"]
     labels = {"teacher": f"teacher (width {p['width']})", **{k: f"{v[0]} (width {p['width'] // 2})"
                                                               for k, v in students.items()}}
     for name, r in results.items():
-        rows.append(f"| {labels[name]} | {r['params'] / 1e6:.2f}M | {r['perplexity']:.2f} | {r['cloze_acc']:.3f} | "
-                    f"{r['cloze_acc_norm']:.3f} | {r['effective_rank']:.1f} |")
-    return "\n".join(rows) + f"\n\nStudents: {train_tokens:,} training tokens each.\n"
+        rows.append(f"| {labels[name]} | {r['params'] / 1e6:.2f}M | {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} | "
+                    f"{r['cloze_acc']:.3f} | {r['cloze_acc_norm']:.3f} | {r['effective_rank']:.1f} |")
+    note = ("" if not set(CROSS_STUDENTS) & set(results) else
+            " Whisper-tokenizer students: perplexity per Whisper token, over other windows; compare bits per byte.")
+    return "\n".join(rows) + f"\n\nStudents: {train_tokens:,} training tokens each (of their own tokenizer).{note}\n"
 
 
 def plot_losses(runs: dict[str, Path], out: Path) -> None:
@@ -339,13 +384,14 @@ def plot_perplexity(results: dict, out: Path) -> None:
 
 
 def cli(out: str = "runs/demo", preset: str = "default", plot: bool = True, dskd: bool = False,
-        beyond: bool = False, on_policy: bool = False) -> None:
+        beyond: bool = False, on_policy: bool = False, cross_tokenizer: bool = False) -> None:
     """Run the whole pipeline into OUT; prints and writes the comparison (summary.md, losses.png).
     --dskd adds LRC and a random-init student trained by DSKD instead of KL; --beyond adds the LRC
     options beyond the paper (document masking, projection inits, the dense phase), at the same
     token budget; --on_policy adds LRC and KD students that continue half of their windows
-    themselves (loss.on_policy_ratio)."""
-    main(out, preset, plot, dskd, beyond, on_policy)
+    themselves (loss.on_policy_ratio); --cross_tokenizer adds students with their own vocabulary
+    (Whisper's multilingual BPE), by LRC and KD across tokenizers (model.student)."""
+    main(out, preset, plot, dskd, beyond, on_policy, cross_tokenizer)
 
 
 def run() -> None:

@@ -8,7 +8,9 @@ Models load through `transformers.AutoModelForCausalLM` (local files only), so w
 is the checkpoint exactly as users will load it, independent of lrc_dist's own model code.
 
 - perplexity: exp(mean next-token NLL) over non-overlapping windows of a token set written by
-  data_prep/tokenize.py (a held-out split); the token set must match the model's tokenizer.
+  data_prep/tokenize.py (a held-out split); the token set must match the model's tokenizer. Also
+  bits per byte, the summed NLL in bits over the predicted tokens' bytes (EOS counts one): it
+  compares models of different vocabularies on the same text (LRC across tokenizers).
 - choice: a multiple-choice task in JSON lines {"query", "choices", "gold"}, scored like
   lm-evaluation-harness: log-likelihood of each choice after the query; acc, and acc_norm with
   the log-likelihood divided by the choice's length in characters.
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lrc_dist.align import ByteVocab
 from lrc_dist.data import TokenSet
 from lrc_dist.resources import PACKAGE
 
@@ -51,17 +54,19 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu
 def perplexity(model_dir: str, tokens: str, seq_len: int = 512, max_windows: int | None = None,
                batch_size: int = 8, dtype: str = "float32", device: str = "cpu", progress: bool = True,
                rank_windows: int = 0) -> dict:
-    """{"perplexity", "nll", "tokens"} of the model on token set `tokens` (non-overlapping windows);
-    with `rank_windows`, also "effective_rank": that of the final hidden states of the first
+    """{"perplexity", "nll", "tokens", "bits_per_byte"} of the model on token set `tokens`
+    (non-overlapping windows; bits per byte needs the model dir's tokenizer.json); with
+    `rank_windows`, also "effective_rank": that of the final hidden states of the first
     `rank_windows` windows (`effective_rank`)."""
     token_set = TokenSet.open(tokens)
     model = load_model(model_dir, dtype, device)
     token_set.check_teacher(model.config.vocab_size, model_dir)
+    lengths = token_bytes(model_dir)
     windows = token_set.num_tokens // (seq_len + 1)
     if windows == 0:
         raise ValueError(f"{tokens} holds {token_set.num_tokens} tokens: fewer than one window of {seq_len + 1}.")
     windows = min(windows, max_windows or windows)
-    nll, count, hidden = 0.0, 0, []
+    nll, count, hidden, num_bytes = 0.0, 0, [], 0
     for start in tqdm(range(0, windows, batch_size), desc=f"perplexity {Path(model_dir).name}", disable=not progress):
         rows = [token_set.read(w * (seq_len + 1), seq_len + 1) for w in range(start, min(start + batch_size, windows))]
         batch = torch.as_tensor(np.stack(rows).astype(np.int64), device=device)
@@ -70,10 +75,23 @@ def perplexity(model_dir: str, tokens: str, seq_len: int = 512, max_windows: int
             hidden.append(out.hidden_states[-1][: rank_windows - start].float().cpu())
         nll += F.cross_entropy(out.logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
         count += batch[:, 1:].numel()
+        num_bytes += int(lengths[batch[:, 1:].cpu()].sum()) if lengths is not None else 0
     result = {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
+    if lengths is not None:
+        result["bits_per_byte"] = nll / math.log(2) / num_bytes
     if hidden:
         result["effective_rank"] = effective_rank(torch.cat(hidden))
     return result
+
+
+def token_bytes(model_dir: str | Path) -> torch.Tensor | None:
+    """Each token id's length in bytes (EOS: one), from MODEL_DIR/tokenizer.json; None without one."""
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        return None
+    vocab = ByteVocab.load(model_dir)
+    lengths = torch.tensor([len(p) for p in vocab.pieces])
+    lengths[vocab.eos_id] = 1
+    return lengths
 
 
 def effective_rank(hidden: torch.Tensor) -> float:

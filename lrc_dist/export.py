@@ -6,7 +6,7 @@ SOURCE is any of:
 - a run directory (`checkpoint.dir`): its latest checkpoint;
 - a checkpoint `RUN_DIR/step_N` of any backend (none or FSDP: DCP; DeepSpeed: ZeRO), read on
   one process, without torchrun;
-- an `lrc` directory written by `lrc_dist.lrc.save_lrc` (e.g. `RUN_DIR/export_N/lrc`).
+- an `lrc` directory written by `lrc_dist.lrc_files.save_lrc` (e.g. `RUN_DIR/export_N/lrc`).
 
 The student is materialised a part at a time (a layer, the embedding, the head; LRC: W_T @ P etc.,
 in fp32) and saved in the teacher's architecture with hidden_size = d_S, an explicit head_dim (it no
@@ -34,11 +34,11 @@ from huggingface_hub import save_torch_state_dict
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
-from lrc_dist.build import build_model, dtype_of
+from lrc_dist.build import build_model, dtype_of, load_lrc
 from lrc_dist.checkpoint import LATEST, TRAIN_STATE, Checkpointer, CheckpointDamaged, damage, read_train_state
 from lrc_dist.config import TrainConfig, config_of
 from lrc_dist.interface import DistillationModel, StudentPart
-from lrc_dist.lrc import LRC_CONFIG_FILE, check_teacher, load_lrc, read_lrc_meta
+from lrc_dist.lrc_files import LRC_CONFIG_FILE, check_teacher, read_lrc_meta
 from lrc_dist.model import CheckpointError
 from lrc_dist.parallel import full_tensors
 
@@ -298,10 +298,13 @@ def main(source: str, out_dir: str, teacher: str | None = None, dtype: str = "bf
     torch_dtype = dtype_of(dtype)
     src = Path(source)
     if (src / LRC_CONFIG_FILE).is_file():
-        teacher_dir = teacher or read_lrc_meta(src)["teacher"]
+        meta = read_lrc_meta(src)
+        teacher_dir = teacher or meta["teacher"]
         model = load_lrc(src, teacher_path=teacher_dir)
+        tokenizer_dir = meta.get("student_tokenizer") or teacher_dir  # across tokenizers: the student's own
         with atomic_dir(Path(out_dir), overwrite) as tmp:
-            export_student(model, tmp, teacher_dir, torch_dtype, max_shard_size, teacher_dir, {"source": str(src.resolve())})
+            export_student(model, tmp, tokenizer_dir, torch_dtype, max_shard_size, teacher_dir,
+                           {"source": str(src.resolve())})
     else:
         export_checkpoint(src, out_dir, teacher, dtype, max_shard_size, overwrite)
     print(f"exported the student to {out_dir}")

@@ -16,7 +16,6 @@ restricted to the tokens the vocabularies share. They are means over the aligned
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from transformers import PretrainedConfig
 
 from lrc_dist.dskd import DualSpaceProjector
 from lrc_dist.interface import ExtraPart, StudentPart
-from lrc_dist.losses import IGNORE_INDEX, LossConfig, head_losses, logit_losses
+from lrc_dist.losses import LossConfig, aligned_logit_losses, logit_losses
 from lrc_dist.metrics import kd_flops_per_token
 from lrc_dist.families import ModelArgs
 from lrc_dist.model import CausalLM, DecoderLayer, load_config, resized_config
@@ -160,12 +159,10 @@ class KnowledgeDistillation(nn.Module):
         term's labels where they are not `labels` (on-policy windows, lrc_dist.on_policy)."""
         if aligned and not self.cross_tokenizer:
             raise TypeError(f"aligned inputs {sorted(aligned)} given to a KD model of one vocabulary.")
-        if lm_labels is not None and self.cross_tokenizer:
-            raise ValueError("loss.on_policy_ratio is not built across tokenizers yet")
         h_s = self.student_hidden(input_ids)
         use_teacher = self.teacher is not None and bool(loss_cfg.kl_weight or loss_cfg.dskd_weight)
         if self.cross_tokenizer:
-            return self._cross_tokenizer_losses(h_s, labels, loss_cfg, normalizer, use_teacher, **aligned)
+            return self._cross_tokenizer_losses(h_s, labels, loss_cfg, normalizer, use_teacher, lm_labels, **aligned)
         h_t = w_t = None
         if use_teacher:
             with torch.no_grad():
@@ -176,34 +173,21 @@ class KnowledgeDistillation(nn.Module):
         return total, {"loss": total.detach(), **metrics}
 
     def _cross_tokenizer_losses(self, h_s: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None,
-                                use_teacher: bool, teacher_input_ids: Tensor | None = None,
-                                align_student: Tensor | None = None, align_teacher: Tensor | None = None,
-                                align_mask: Tensor | None = None, aligned_normalizer: float | None = None
-                                ) -> tuple[Tensor, dict[str, Tensor]]:
+                                use_teacher: bool, lm_labels: Tensor | None, teacher_input_ids: Tensor | None = None,
+                                **aligned: Tensor | float) -> tuple[Tensor, dict[str, Tensor]]:
         """LM on the student's own tokens and full head; KD terms on the aligned pairs only."""
-        if normalizer is None:
-            normalizer = max(int((labels != IGNORE_INDEX).sum()), 1)
-        total, lm, kl = head_losses(h_s.flatten(0, 1), self.student.lm_head_weight, None, None, labels.flatten(),
-                                    loss_cfg, normalizer)
-        metrics = {"lm": lm, "kl": kl}
+        h_t = None
         if use_teacher:
-            if teacher_input_ids is None or align_student is None or align_teacher is None or align_mask is None:
+            if teacher_input_ids is None:
                 raise ValueError("this KD model distills across tokenizers: forward needs teacher_input_ids, "
                                  "align_student, align_teacher and align_mask (align.TeacherRetokenizer).")
-            rows, pairs = align_mask.nonzero(as_tuple=True)  # padding pairs are left out
             with torch.no_grad():
-                h_t = self.teacher.hidden_states(teacher_input_ids)[rows, align_teacher[rows, pairs]]
-            if aligned_normalizer is None:
-                aligned_normalizer = len(rows)
-            w_s, w_t = self.kd_heads()
-            # The head's LM term is off; its labels only mark every pair as counted.
-            kd, kd_metrics = logit_losses(h_s[rows, align_student[rows, pairs]], w_s, h_t, w_t, torch.zeros_like(rows),
-                                          dataclasses.replace(loss_cfg, lm_weight=0.0), max(aligned_normalizer, 1),
-                                          self.dual_space)
-            total = total + kd
-            metrics.update({k: v for k, v in kd_metrics.items() if k != "lm"})
-        if align_mask is not None:
-            metrics["aligned_ratio"] = align_mask.sum() / normalizer  # over micro-batches and ranks: the step's
+                h_t = self.teacher.hidden_states(teacher_input_ids)
+        w_s_shared, w_t_shared = self.kd_heads()
+        total, metrics = aligned_logit_losses(h_s, self.student.lm_head_weight, w_s_shared, h_t, w_t_shared, labels,
+                                              loss_cfg, normalizer, self.dual_space, lm_labels, **{
+                                                  k: aligned.get(k) for k in ("align_student", "align_teacher",
+                                                                              "align_mask", "aligned_normalizer")})
         return total, {"loss": total.detach(), **metrics}
 
     def student_hidden(self, input_ids: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ then only scales the stored gradients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -172,4 +172,39 @@ def logit_losses(
         dskd, dskd_metrics = dual_space.objective(h_s, w_s, h_t, w_t, labels != IGNORE_INDEX, cfg, normalizer)
         total = total + dskd
         metrics.update(dskd_metrics)
+    return total, metrics
+
+
+def aligned_logit_losses(
+    h_s: Tensor, w_s: Tensor, w_s_shared: Tensor, h_t: Tensor | None, w_t_shared: Tensor, labels: Tensor,
+    cfg: LossConfig, normalizer: float | None, dual_space: HeadObjective | None, lm_labels: Tensor | None,
+    align_student: Tensor | None, align_teacher: Tensor | None, align_mask: Tensor | None,
+    aligned_normalizer: float | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`logit_losses` across tokenizers (lrc_dist.align): the LM term on the student's own tokens
+    `labels` [B, T] (or `lm_labels`) and full head `w_s`; the KD terms at the aligned pairs only
+    (student position align_student[b, k], teacher position align_teacher[b, k] where
+    align_mask[b, k]), both heads restricted to the shared vocabulary (`w_*_shared`), means over
+    the step's aligned pairs (`aligned_normalizer`; default: this micro-batch's). h_t: the
+    teacher's final hidden states [B, T_t, d_T], None when no KD term is on. Both KD and LRC use it."""
+    if normalizer is None:
+        normalizer = max(int((labels != IGNORE_INDEX).sum()), 1)
+    lm_target = (labels if lm_labels is None else lm_labels).flatten()
+    total, lm, kl = head_losses(h_s.flatten(0, 1), w_s, None, None, lm_target, cfg, normalizer)
+    metrics = {"lm": lm, "kl": kl}
+    if h_t is not None:
+        if align_student is None or align_teacher is None or align_mask is None:
+            raise ValueError("across tokenizers the KD terms need align_student, align_teacher and align_mask "
+                             "(align.TeacherRetokenizer).")
+        rows, pairs = align_mask.nonzero(as_tuple=True)  # padding pairs are left out
+        if aligned_normalizer is None:
+            aligned_normalizer = len(rows)
+        # The head's LM term is off; its labels only mark every pair as counted.
+        kd, kd_metrics = logit_losses(h_s[rows, align_student[rows, pairs]], w_s_shared,
+                                      h_t[rows, align_teacher[rows, pairs]], w_t_shared, torch.zeros_like(rows),
+                                      replace(cfg, lm_weight=0.0), max(aligned_normalizer, 1), dual_space)
+        total = total + kd
+        metrics.update({k: v for k, v in kd_metrics.items() if k != "lm"})
+    if align_mask is not None:
+        metrics["aligned_ratio"] = align_mask.sum() / normalizer  # over micro-batches and ranks: the step's
     return total, metrics

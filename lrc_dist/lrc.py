@@ -10,16 +10,12 @@ that FSDP/ZeRO shard and checkpoint; this file knows nothing of distribution.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig
@@ -27,11 +23,12 @@ from transformers import PretrainedConfig
 from lrc_dist.dskd import DualSpaceProjector
 from lrc_dist.families import LAYER_NORMS, ModelArgs, fuse_layer, layer_shapes
 from lrc_dist.interface import ExtraPart, Matmul, StudentPart
-from lrc_dist.losses import IGNORE_INDEX, LossConfig, logit_losses
+from lrc_dist.losses import IGNORE_INDEX, LossConfig, aligned_logit_losses, logit_losses
+from lrc_dist.lrc_config import INPUT_SIDE, MATRICES, TARGET_PROJECTIONS, LRCConfig
+from lrc_dist.lrc_files import save_lrc
 from lrc_dist.metrics import lrc_flops_per_token
 from lrc_dist.model import (
     CausalLM,
-    CheckpointError,
     DecoderLayer,
     Context,
     RMSNorm,
@@ -40,95 +37,8 @@ from lrc_dist.model import (
     decoder_layer,
     get_parameter,
     resized_config,
-    teacher_fingerprint,
 )
-
-CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
-INPUT_SIDE = ("q", "k", "v", "gate", "up")  # student weight W_T @ P; output side (o, down) is P^T @ W_T
-MATRICES = (*INPUT_SIDE, "o", "down")  # a layer's student matrices: free parameters in the dense phase
-TARGET_PROJECTIONS = {"attn_out": "o", "ffn_out": "down"}  # the dense phase keeps these, for the clone targets
-
-
-CloneTerm = Literal["q", "k", "v", "gate", "up", "attn_out", "ffn_out"]
-ProjectionInit = Literal["random", "activation", "channels", "svd"]  # lrc.init (lrc_dist/projection_init.py)
-INITS = get_args(ProjectionInit)
-
-
-@dataclass
-class LRCConfig:
-    """The LRC student: its width and the activation clone terms."""
-
-    student_hidden_size: int = 0
-    """d_S, the student's hidden size (at most the teacher's; LRC and the default KD student need it)"""
-    rms_norm_eps: float | None = None
-    """eps of the student's RMSNorms; null keeps the teacher's"""
-    clone_terms: tuple[CloneTerm, ...] = CLONE_TERMS
-    """which activation clone terms to compute"""
-    attn_out_space: Literal["student", "teacher"] = "student"
-    """student: attention output compared as o_S vs o_T @ P_o (paper, Algorithm 1); teacher: the
-    student's attention mixed through the teacher's o_proj vs o_T (reference code)"""
-    shared_attn_proj: bool = False
-    """the paper's "IO" attention: one input projection for q, k, v"""
-    shared_ffn_proj: bool = False
-    """the paper's "IO" FFN: one input projection for gate, up"""
-    init: ProjectionInit = "random"
-    """where the projections start (lrc_dist/projection_init.py): random: N(0, init_std), as in the
-    paper; the others derive every projection from one basis of the teacher's residual stream:
-    activation: its principal directions on init_samples windows of the training data; channels:
-    its d_S channels of most energy there (RED's channel selection); svd: the principal
-    directions of the teacher weights that read and write it (no data)"""
-    init_samples: int = 16
-    """activation, channels: the calibration windows (data.seq_len tokens each), the first ones of
-    the training stream"""
-    init_std: float = 0.02
-    """init=random: projections ~ N(0, init_std), as in the reference"""
-    clone_term_weights: dict[str, float] = field(default_factory=dict)
-    """a weight per clone term; missing terms weigh 1"""
-    dense_after: float | None = None
-    """the dense phase ("Train What You Deploy"): after this many steps (>= 1), or this fraction of
-    `steps` (< 1; 0: from the start), every student matrix (q, k, v, o, gate, up, down, embedding,
-    head) becomes a free parameter, initialised to its W_T @ P (P^T @ W_T) of that moment, and
-    trains from there. The clone terms stay: the attention and FFN targets are still mapped
-    through P_o and P_down (dense_projections); the other projections are dropped. The switch
-    rebuilds the model and a fresh optimizer (the teacher is read again); null: LRC throughout"""
-    dense_projections: Literal["train", "freeze"] = "train"
-    """the dense phase's P_o and P_down, which map the attention/FFN clone targets: train (on the
-    clone terms alone) or freeze"""
-    dense_lr_scale: float = 1.0
-    """the dense phase: the student matrices' learning rate is the schedule's times this"""
-
-    def __post_init__(self):
-        self.clone_terms = tuple(self.clone_terms)
-        unknown = set(self.clone_terms) - set(CLONE_TERMS)
-        if unknown:
-            raise ValueError(f"lrc.clone_terms: unknown {sorted(unknown)}; choose from {CLONE_TERMS}.")
-        if self.attn_out_space not in ("student", "teacher"):
-            raise ValueError(f"lrc.attn_out_space={self.attn_out_space!r}; use 'student' or 'teacher'.")
-        if self.init not in INITS:
-            raise ValueError(f"lrc.init={self.init!r}; use one of {', '.join(INITS)}.")
-        if self.dense_after is not None:
-            if self.dense_after < 0 or (self.dense_after >= 1 and self.dense_after != int(self.dense_after)):
-                raise ValueError(f"lrc.dense_after={self.dense_after}: use a step count (a whole number >= 1), a "
-                                 f"fraction of the steps in [0, 1), or null for no dense phase.")
-            if self.attn_out_space == "teacher":
-                raise ValueError("lrc.dense_after: the dense phase compares the attention output in the student's "
-                                 "space; set lrc.attn_out_space=student.")
-        if self.dense_projections not in ("train", "freeze"):
-            raise ValueError(f"lrc.dense_projections={self.dense_projections!r}; use 'train' or 'freeze'.")
-
-    def dense_step(self, steps: int) -> int | None:
-        """The step after which the dense phase starts (`dense_after` of a run of `steps`), or None."""
-        if self.dense_after is None:
-            return None
-        return round(self.dense_after * steps) if self.dense_after < 1 else int(self.dense_after)
-
-    def projection_name(self, matrix: str) -> str:
-        """The projection a matrix uses: its own, or the shared one of the IO variants."""
-        if self.shared_attn_proj and matrix in ("q", "k", "v"):
-            return "attn_in"
-        if self.shared_ffn_proj and matrix in ("gate", "up"):
-            return "ffn_in"
-        return matrix
+from lrc_dist.vocab import StudentVocab
 
 
 def masked_mse(a: Tensor, b: Tensor, valid: Tensor | None) -> Tensor:
@@ -147,9 +57,14 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 
+def pick(tap: Tensor, rows: Tensor, positions: Tensor) -> Tensor:
+    """The activations [N, F] of `tap` [B, T, F] at (rows[n], positions[n])."""
+    return tap[rows, positions]
+
+
 @dataclass
 class LRCOutput:
-    teacher_hidden: Tensor  # [B, T, d_T], final-normed, no grad
+    teacher_hidden: Tensor  # [B, T, d_T] (across tokenizers: [B, T_t, d_T]), final-normed, no grad
     student_hidden: Tensor  # [B, T, d_S], final-normed
     clone: dict[str, Tensor]  # per clone term, the MSE summed over layers
 
@@ -239,11 +154,13 @@ class LowRankBlock(nn.Module):
             return self.teacher(h_t, ctx, record), taps
 
     def student_forward(
-        self, h_s: Tensor, teacher_taps: dict[str, Tensor], ctx: Context, valid: Tensor | None = None
+        self, h_s: Tensor, teacher_taps: dict[str, Tensor], ctx: Context, valid: Tensor | None = None,
+        aligned: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's layer (the model's own `decoder_layer`, generated weights) and its clone
         terms: its q, k, v, gate, up against the teacher's, its attention and FFN outputs against
-        the teacher's mapped through P_o and P_down."""
+        the teacher's mapped through P_o and P_down. `aligned` = (rows, teacher positions, student
+        positions): across tokenizers, the terms compare those pairs only (means over them)."""
         teacher_space = self.cfg.attn_out_space == "teacher"
         w = self.student_weights(self.generation_matmul, generate_o=not teacher_space)
         taps: dict[str, Tensor] = {}
@@ -256,21 +173,29 @@ class LowRankBlock(nn.Module):
         out = decoder_layer(h_s, w, self.student_args, ctx.rope[self.teacher.layer_type], ctx.masks[self.teacher.window],
                             record)
         terms = self.cfg.clone_terms
-        targets = {m: teacher_taps[m] for m in INPUT_SIDE}
+        if aligned is not None:  # gathered before the mappings below: N pairs, not B * T_t positions
+            rows, t_pos, s_pos = aligned
+            teacher_taps = {m: pick(teacher_taps[m], rows, t_pos) for m in terms}
+            taps, valid = {m: pick(taps[m], rows, s_pos) for m in terms}, None
+        targets = {m: teacher_taps[m] for m in INPUT_SIDE if m in terms}
         if "attn_out" in terms:
             targets["attn_out"] = teacher_taps["attn_out"] if teacher_space else teacher_taps["attn_out"] @ self.p("o")
         if "ffn_out" in terms:
             targets["ffn_out"] = teacher_taps["ffn_out"] @ self.p("down")
         return out, {m: masked_mse(taps[m], targets[m], valid) for m in terms}
 
-    def forward(self, h_t: Tensor, h_s: Tensor, ctx: Context, valid: Tensor | None = None
+    def forward(self, h_t: Tensor, h_s: Tensor, ctx: Context, valid: Tensor | None = None,
+                teacher_ctx: Context | None = None, aligned: tuple[Tensor, Tensor, Tensor] | None = None,
                 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        h_t_next, teacher_taps = self.teacher_forward(h_t, ctx)
+        """Both layers; across tokenizers the teacher reads its own sequence (`teacher_ctx`) and the
+        clone terms compare the `aligned` positions (`student_forward`)."""
+        h_t_next, teacher_taps = self.teacher_forward(h_t, teacher_ctx or ctx)
         if self.activation_checkpointing and torch.is_grad_enabled():
             # Recompute only the student in backward; the teacher's taps are kept, never recomputed.
-            h_s_next, clone = checkpoint(self.student_forward, h_s, teacher_taps, ctx, valid, use_reentrant=False)
+            h_s_next, clone = checkpoint(self.student_forward, h_s, teacher_taps, ctx, valid, aligned,
+                                         use_reentrant=False)
         else:
-            h_s_next, clone = self.student_forward(h_s, teacher_taps, ctx, valid)
+            h_s_next, clone = self.student_forward(h_s, teacher_taps, ctx, valid, aligned)
         return h_t_next, h_s_next, clone
 
 
@@ -279,9 +204,10 @@ class LowRankClone(nn.Module):
 
     # A block reads its teacher weights directly (W_T @ P): ZeRO-3 must gather it as a whole.
     leaf_module_classes = (LowRankBlock,)
-    cross_tokenizer = False  # the student inherits the teacher's vocabulary
 
-    def __init__(self, teacher: CausalLM, cfg: LRCConfig):
+    def __init__(self, teacher: CausalLM, cfg: LRCConfig, vocab: StudentVocab | None = None):
+        """`vocab`: the student's own vocabulary, across tokenizers (lrc_dist.vocab); None: the
+        student inherits the teacher's."""
         super().__init__()
         args = teacher.args
         d_t, d_s = args.hidden_size, cfg.student_hidden_size
@@ -291,6 +217,8 @@ class LowRankClone(nn.Module):
         self.teacher_args = args
         self.hf_config = teacher.hf_config
         self.eps = args.rms_norm_eps if cfg.rms_norm_eps is None else cfg.rms_norm_eps
+        self.vocab = vocab
+        self.cross_tokenizer = vocab is not None
         self.student_hf_config()  # a width transformers cannot export fails now, not after training
         self.rotary = teacher.rotary
         self.document_eos: int | None = None  # set: attention and positions per document (data.document_mask)
@@ -303,6 +231,13 @@ class LowRankClone(nn.Module):
         if not args.tie_word_embeddings:
             self.teacher_lm_head = freeze(teacher.lm_head)
             self.lm_head_proj = nn.Parameter(torch.empty(d_t, d_s))
+        if vocab is not None:  # the student's rows in the teacher's space (lrc_dist.vocab), frozen
+            self.vocab_embed = freeze(nn.Embedding.from_pretrained(vocab.embedding_rows(self.teacher_embed.weight)))
+            if not args.tie_word_embeddings:
+                self.vocab_head = nn.Parameter(vocab.head_rows(self.teacher_lm_head.weight), requires_grad=False)
+            # the shared vocabulary's rows of each head, for the KD terms; derived, never checkpointed
+            self.register_buffer("teacher_vocab", vocab.teacher_ids, persistent=False)
+            self.register_buffer("student_vocab", vocab.student_ids, persistent=False)
         self.dual_space: DualSpaceProjector | None = None
         self.generation_matmul: Matmul = torch.matmul
         self.generation_ranks = 1  # devices sharing the generation (for the FLOP count)
@@ -321,11 +256,11 @@ class LowRankClone(nn.Module):
         self.document_eos = eos_id
 
     def enable_dual_space(self) -> None:
-        """Add the DSKD projector (loss.dskd_weight), ideally initialised from the two heads: call
+        """Add the DSKD projector (loss.dskd_weight), ideally initialised from the two (KD) heads: call
         after `init_weights`, whose projections define the student head."""
-        w_t = self.teacher_head_weight()
         with torch.no_grad():
-            w_s = self.student_head_weight().float()
+            w_s, w_t = self.kd_heads(self.student_head_weight())
+            w_s = w_s.float()
         self.dual_space = DualSpaceProjector(w_t.shape[1], w_s.shape[1]).ideal_init_(w_t, w_s)
 
     @classmethod
@@ -353,41 +288,80 @@ class LowRankClone(nn.Module):
     def teacher_head_weight(self) -> Tensor:
         return self.teacher_embed.weight if self.teacher_args.tie_word_embeddings else self.teacher_lm_head.weight
 
+    def embedding_rows(self) -> Tensor:
+        """The rows the student's embedding is generated from: the teacher's embedding, or across
+        tokenizers the student vocabulary's rows in the teacher's space (lrc_dist.vocab)."""
+        return self.vocab_embed.weight if self.cross_tokenizer else self.teacher_embed.weight
+
+    def head_rows(self) -> Tensor:
+        """The rows the student's head is generated from (as `embedding_rows`)."""
+        if self.teacher_args.tie_word_embeddings:
+            return self.embedding_rows()
+        return self.vocab_head if self.cross_tokenizer else self.teacher_lm_head.weight
+
     def student_head_weight(self, matmul: Matmul = torch.matmul) -> Tensor:
         if self.dense:
             head = self.embed_dense if self.teacher_args.tie_word_embeddings else self.lm_head_dense
             return head.to(self.teacher_embed.weight.dtype)
         proj = self.embed_proj if self.teacher_args.tie_word_embeddings else self.lm_head_proj
-        teacher = self.teacher_head_weight()
-        return matmul(teacher, proj.to(teacher.dtype))
+        rows = self.head_rows()
+        return matmul(rows, proj.to(rows.dtype))
+
+    def kd_heads(self, student_head: Tensor) -> tuple[Tensor, Tensor]:
+        """(student, teacher) head weights the KD terms compare: across tokenizers restricted to the
+        shared vocabulary (index_selects, so gradients reach the student's head)."""
+        teacher_head = self.teacher_head_weight()
+        if self.cross_tokenizer:
+            return student_head.index_select(0, self.student_vocab), teacher_head.index_select(0, self.teacher_vocab)
+        return student_head, teacher_head
 
     def forward(
         self, input_ids: Tensor, labels: Tensor, loss_cfg: LossConfig, normalizer: float | None = None,
-        lm_labels: Tensor | None = None,
+        lm_labels: Tensor | None = None, **aligned: Tensor | float,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The training step's forward: lockstep pass and loss (see `lrc_loss`); `lm_labels`: the LM
-        term's labels where they are not `labels` (on-policy windows, lrc_dist.on_policy).
+        term's labels where they are not `labels` (on-policy windows, lrc_dist.on_policy). Across
+        tokenizers `aligned` holds `TeacherRetokenizer`'s teacher_input_ids, align_* and clone_*
+        tensors, and the step's global counts of their pairs, aligned_normalizer and clone_normalizer.
 
         The loss is computed here, inside the root module's forward, because FSDP2 and ZeRO-3 only
         gather the vocabulary-sized head weights while that forward runs.
         """
-        return lrc_loss(self, self.lockstep(input_ids, labels != IGNORE_INDEX), labels, loss_cfg, normalizer,
-                        lm_labels)
+        if aligned and not self.cross_tokenizer:
+            raise TypeError(f"aligned inputs {sorted(aligned)} given to an LRC model of one vocabulary.")
+        if not self.cross_tokenizer:
+            return lrc_loss(self, self.lockstep(input_ids, labels != IGNORE_INDEX), labels, loss_cfg, normalizer,
+                            lm_labels)
+        needed = ("teacher_input_ids", "clone_teacher", "clone_student", "clone_mask")
+        if any(aligned.get(k) is None for k in needed):
+            raise ValueError(f"this LRC model distills across tokenizers: forward needs {', '.join(needed)} and the "
+                             f"align_* tensors (align.TeacherRetokenizer).")
+        rows, pairs = aligned["clone_mask"].nonzero(as_tuple=True)
+        positions = (rows, aligned["clone_teacher"][rows, pairs], aligned["clone_student"][rows, pairs])
+        out = self.lockstep(input_ids, teacher_input_ids=aligned["teacher_input_ids"], aligned=positions)
+        return lrc_loss(self, out, labels, loss_cfg, normalizer, lm_labels, aligned)
 
-    def lockstep(self, input_ids: Tensor, valid: Tensor | None = None) -> LRCOutput:
-        """Teacher and student side by side through all layers; no loss."""
+    def lockstep(self, input_ids: Tensor, valid: Tensor | None = None, teacher_input_ids: Tensor | None = None,
+                 aligned: tuple[Tensor, Tensor, Tensor] | None = None) -> LRCOutput:
+        """Teacher and student side by side through all layers; no loss. Across tokenizers the
+        teacher reads `teacher_input_ids` and the clone terms compare the `aligned` positions
+        (rows, teacher positions, student positions)."""
         with torch.no_grad():
-            e = self.teacher_embed(input_ids)
+            e = self.teacher_embed(input_ids if teacher_input_ids is None else teacher_input_ids)
         if self.dense:
             h_s = F.embedding(input_ids, self.embed_dense).to(e.dtype)
         else:  # gather rows first: (tokens x d_T) @ P instead of materialising the (vocab x d_S) embedding
-            h_s = e @ self.embed_proj.to(e.dtype)
+            with torch.no_grad():
+                rows = e if teacher_input_ids is None else self.vocab_embed(input_ids)
+            h_s = rows @ self.embed_proj.to(e.dtype)
         # A scaled embedding (Gemma: sqrt(width)) scales each model by its own width, as its export does.
         h_t, h_s = self.teacher_args.scale_embeddings(e), self.student_args().scale_embeddings(h_s)
         ctx = Context.of(self.rotary, self.teacher_args, input_ids, h_s.dtype, self.document_eos)
+        teacher_ctx = None if teacher_input_ids is None else Context.of(self.rotary, self.teacher_args,
+                                                                        teacher_input_ids, h_s.dtype)
         clone: dict[str, Tensor] = {}
         for block in self.layers:
-            h_t, h_s, terms = block(h_t, h_s, ctx, valid)
+            h_t, h_s, terms = block(h_t, h_s, ctx, valid, teacher_ctx, aligned)
             for name, value in terms.items():
                 clone[name] = clone[name] + value if name in clone else value
         with torch.no_grad():
@@ -398,14 +372,14 @@ class LowRankClone(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        """The vocabulary of the input tokens."""
-        return self.teacher_args.vocab_size
+        """The vocabulary of the input tokens: the student's."""
+        return self.vocab.size if self.cross_tokenizer else self.teacher_args.vocab_size
 
     def flops_per_token(self, seq_len: int, tokens_per_forward: int) -> float:
         """Model FLOPs of one trained token on one device (metrics.lrc_flops_per_token)."""
         dense = (self.cfg.dense_projections, self.layers[0].kept_projections()) if self.dense else None
         return lrc_flops_per_token(self.teacher_args, self.cfg.student_hidden_size, seq_len, tokens_per_forward,
-                                   self.generation_ranks, dense)
+                                   self.generation_ranks, dense, self.vocab_size)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         for block in self.layers:
@@ -417,7 +391,8 @@ class LowRankClone(nn.Module):
     def external_params(self) -> list[Tensor]:
         """Weights the root forward reads outside their module's own forward."""
         dual_space = [self.dual_space.t2s] if self.dual_space is not None else []
-        return [self.teacher_embed.weight, self.teacher_head_weight(), *dual_space]
+        rows = [self.vocab_embed.weight, self.head_rows()] if self.cross_tokenizer else []
+        return [self.teacher_embed.weight, self.teacher_head_weight(), *rows, *dual_space]
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The trainable parameters, and in the dense phase the frozen target projections (buffers,
@@ -435,14 +410,14 @@ class LowRankClone(nn.Module):
         a sharded model is gathered one part at a time (train.dense_state)."""
         if self.dense:
             raise ValueError("the model is in its dense phase already")
-        yield ["teacher_embed.weight", "embed_proj", "norm.weight"], lambda: {
-            "embed_dense": self.teacher_embed.weight @ self.embed_proj.to(self.teacher_embed.weight.dtype),
+        yield [self._rows_name("embed"), "embed_proj", "norm.weight"], lambda: {
+            "embed_dense": self.embedding_rows() @ self.embed_proj.to(self.embedding_rows().dtype),
             "norm.weight": self.norm.weight}
         for i, block in enumerate(self.layers):
             yield [n for n, _ in block.named_parameters(prefix=f"layers.{i}")], functools.partial(
                 lambda i, block: {f"layers.{i}.{k}": v for k, v in block.dense_state().items()}, i, block)
         if not self.teacher_args.tie_word_embeddings:
-            yield ["teacher_lm_head.weight", "lm_head_proj"], lambda: {"lm_head_dense": self.student_head_weight()}
+            yield [self._rows_name("head"), "lm_head_proj"], lambda: {"lm_head_dense": self.student_head_weight()}
         if self.dual_space is not None:
             names = [f"dual_space.{n}" for n, _ in self.dual_space.named_parameters()]
             yield names, lambda: {f"dual_space.{n}": p for n, p in self.dual_space.named_parameters()}
@@ -454,7 +429,7 @@ class LowRankClone(nn.Module):
         if state is None:
             with torch.no_grad():
                 state = {k: v.float().clone() for _, part in self.dense_parts() for k, v in part().items()}
-        vocab, d_s = self.teacher_args.vocab_size, self.cfg.student_hidden_size
+        vocab, d_s = self.vocab_size, self.cfg.student_hidden_size
         # Given a state, the new matrices are its tensors (assigned, not copied into a second
         # allocation: at 7B the student is 16 GiB in fp32); else zeros, for a state loaded next.
         with torch.device("meta" if state else self.embed_proj.device):
@@ -486,12 +461,23 @@ class LowRankClone(nn.Module):
 
     # ---- the student as an ordinary model --------------------------------------------------------
 
+    def _rows_name(self, kind: str) -> str:
+        """The parameter the student's embedding ("embed") or head ("head") is generated from."""
+        if kind == "head" and not self.teacher_args.tie_word_embeddings:
+            return "vocab_head" if self.cross_tokenizer else "teacher_lm_head.weight"
+        return "vocab_embed.weight" if self.cross_tokenizer else "teacher_embed.weight"
+
     def student_args(self) -> ModelArgs:
-        return replace(self.teacher_args, hidden_size=self.cfg.student_hidden_size, rms_norm_eps=self.eps)
+        return replace(self.teacher_args, hidden_size=self.cfg.student_hidden_size, rms_norm_eps=self.eps,
+                       vocab_size=self.vocab_size)
 
     def student_hf_config(self) -> PretrainedConfig:
         a = self.student_args()
-        return resized_config(self.hf_config, a.hidden_size, a.head_dim, a.rms_norm_eps, a.tie_word_embeddings)
+        config = resized_config(self.hf_config, a.hidden_size, a.head_dim, a.rms_norm_eps, a.tie_word_embeddings)
+        if self.cross_tokenizer:  # the student's vocabulary and special tokens
+            config.vocab_size, config.eos_token_id, config.bos_token_id = a.vocab_size, self.vocab.eos_id, self.vocab.bos_id
+            config.pad_token_id = None
+        return config
 
     @torch.no_grad()
     def student_state_dict(self) -> dict[str, Tensor]:
@@ -508,14 +494,14 @@ class LowRankClone(nn.Module):
         def embedding() -> dict[str, Tensor]:
             if self.dense:
                 return {"model.embed_tokens.weight": self.embed_dense, "model.norm.weight": self.norm.weight}
-            w = self.teacher_embed.weight
+            w = self.embedding_rows()
             return {"model.embed_tokens.weight": w @ self.embed_proj.to(w.dtype), "model.norm.weight": self.norm.weight}
 
         def layer(i: int) -> dict[str, Tensor]:
             return {f"model.layers.{i}.{hf}": t for hf, t in fuse_layer(student, self.layers[i].student_weights()).items()}
 
-        head = ["lm_head_dense"] if self.dense else ["teacher_lm_head.weight", "lm_head_proj"]
-        yield (["embed_dense", "norm.weight"] if self.dense else ["teacher_embed.weight", "embed_proj", "norm.weight"]
+        head = ["lm_head_dense"] if self.dense else [self._rows_name("head"), "lm_head_proj"]
+        yield (["embed_dense", "norm.weight"] if self.dense else [self._rows_name("embed"), "embed_proj", "norm.weight"]
                ), embedding
         for i, block in enumerate(self.layers):
             yield [n for n, _ in block.named_parameters(prefix=f"layers.{i}")], functools.partial(layer, i)
@@ -531,79 +517,36 @@ class LowRankClone(nn.Module):
 
 def lrc_loss(
     model: LowRankClone, out: LRCOutput, labels: Tensor, cfg: LossConfig, normalizer: float | None = None,
-    lm_labels: Tensor | None = None,
+    lm_labels: Tensor | None = None, aligned: dict[str, Tensor | float] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The total LRC loss and its detached terms for logging.
 
     With a global `normalizer` (labelled tokens of the whole step, all ranks and micro-batches), the
     per-micro-batch clone MSE is weighted by this micro-batch's share of those tokens, so that
-    summing losses (and gradients) over micro-batches and ranks gives the step's token mean.
+    summing losses (and gradients) over micro-batches and ranks gives the step's token mean. Across
+    tokenizers (`aligned`: `LowRankClone.forward`'s) the head terms are `aligned_logit_losses` and
+    the clone MSE, a mean over this micro-batch's compared positions, is weighted by its share of
+    the step's (clone_normalizer).
     """
-    local = (labels != IGNORE_INDEX).sum()
-    share = 1.0 if normalizer is None else local / normalizer
-    head, metrics = logit_losses(
-        out.student_hidden.flatten(0, 1), model.student_head_weight(model.generation_matmul),
-        out.teacher_hidden.flatten(0, 1), model.teacher_head_weight(),
-        labels.flatten(), cfg, normalizer, model.dual_space, lm_labels.flatten() if lm_labels is not None else None,
-    )
+    w_s = model.student_head_weight(model.generation_matmul)
+    if aligned is None:
+        local = (labels != IGNORE_INDEX).sum()
+        share = 1.0 if normalizer is None else local / normalizer
+        head, metrics = logit_losses(
+            out.student_hidden.flatten(0, 1), w_s, out.teacher_hidden.flatten(0, 1), model.teacher_head_weight(),
+            labels.flatten(), cfg, normalizer, model.dual_space, lm_labels.flatten() if lm_labels is not None else None,
+        )
+    else:
+        total = aligned.get("clone_normalizer")
+        share = 1.0 if total is None else aligned["clone_mask"].sum() / max(total, 1)
+        w_s_shared, w_t_shared = model.kd_heads(w_s)
+        head, metrics = aligned_logit_losses(out.student_hidden, w_s, w_s_shared, out.teacher_hidden, w_t_shared,
+                                             labels, cfg, normalizer, model.dual_space, lm_labels, **{
+                                                 k: aligned.get(k) for k in ("align_student", "align_teacher",
+                                                                             "align_mask", "aligned_normalizer")})
     weights = model.cfg.clone_term_weights
     clone = share * sum(weights.get(name, 1.0) * value for name, value in out.clone.items())
     total = head + cfg.clone_weight * clone
     metrics.update(loss=total, clone=clone)
     metrics.update({f"clone/{name}": share * value for name, value in out.clone.items()})
     return total, {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
-
-
-# ---- the trainable state on disk (what export reads) ---------------------------------------------
-
-LRC_CONFIG_FILE, LRC_WEIGHTS_FILE = "lrc_config.json", "lrc_trainable.safetensors"
-
-
-def save_lrc(model: LowRankClone, path: str | Path, teacher_path: str | Path) -> None:
-    """Write the trainable tensors and the config; the teacher is referenced, never copied."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    # the student only: the DSKD projector is a training-time tool, no part of the student
-    state = {k: v.contiguous() for k, v in model.trainable_state_dict().items() if not k.startswith("dual_space.")}
-    save_file(state, str(path / LRC_WEIGHTS_FILE))
-    meta = {"teacher": str(Path(teacher_path).resolve()), "teacher_fingerprint": teacher_fingerprint(teacher_path),
-            "lrc": asdict(model.cfg), "dense": model.dense}
-    (path / LRC_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-
-
-def check_teacher(teacher: str | Path, fingerprint: str | None, source: str | Path) -> None:
-    """A CheckpointError when the teacher at `teacher` is not the one `source` was trained with."""
-    if fingerprint is not None and teacher_fingerprint(teacher) != fingerprint:
-        raise CheckpointError(f"{source} was trained with another teacher than the one in {teacher} (fingerprint "
-                              f"{fingerprint}, now {teacher_fingerprint(teacher)}: its config.json or weights differ). "
-                              f"Point it at the teacher the student was distilled from.")
-
-
-def read_lrc_meta(path: str | Path) -> dict:
-    """{"teacher": path, "lrc": LRCConfig fields} of a directory written by `save_lrc`."""
-    file = Path(path) / LRC_CONFIG_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{path}: no {LRC_CONFIG_FILE}; pass a directory written by lrc_dist.lrc.save_lrc.")
-    return json.loads(file.read_text())
-
-
-def load_lrc(path: str | Path, teacher_path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LowRankClone:
-    """Rebuild a saved LRC model; `teacher_path` overrides the teacher directory recorded at save time."""
-    path = Path(path)
-    meta = read_lrc_meta(path)
-    teacher = teacher_path or meta["teacher"]
-    check_teacher(teacher, meta.get("teacher_fingerprint"), path / LRC_CONFIG_FILE)
-    model = LowRankClone(CausalLM.from_pretrained(teacher, dtype=dtype), LRCConfig(**meta["lrc"]))
-    if meta.get("dense"):
-        model.densify({})
-    try:
-        state = {k: v.to(dtype) for k, v in load_file(str(path / LRC_WEIGHTS_FILE)).items()}
-    except (SafetensorError, FileNotFoundError) as e:
-        raise CheckpointError(f"{path / LRC_WEIGHTS_FILE} cannot be read ({e}): it is missing, truncated or "
-                              f"corrupt.") from None
-    expected = model.trainable_state_dict()
-    if set(state) != set(expected):
-        raise CheckpointError(f"{path / LRC_WEIGHTS_FILE} does not fit teacher {meta['teacher']}: "
-                              f"missing {sorted(set(expected) - set(state))[:5]}, extra {sorted(set(state) - set(expected))[:5]}.")
-    model.load_state_dict(state, strict=False)
-    return model

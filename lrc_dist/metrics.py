@@ -20,7 +20,8 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "H20": 148e12
 
 
 def lrc_flops_per_token(args: ModelArgs, d_s: int, seq_len: int, tokens_per_forward: int,
-                        generation_ranks: int = 1, dense: tuple[str, list[str]] | None = None) -> float:
+                        generation_ranks: int = 1, dense: tuple[str, list[str]] | None = None,
+                        student_vocab: int | None = None) -> float:
     """Model FLOPs of one trained token on one device (activation recompute not counted, as MFU
     conventionally).
 
@@ -31,11 +32,14 @@ def lrc_flops_per_token(args: ModelArgs, d_s: int, seq_len: int, tokens_per_forw
 
     In the dense phase, `dense` = (lrc.dense_projections, the kept projections: o and/or down):
     no generation; the kept projections map their clone targets (forward, and dP when they train).
+    `student_vocab`: the student's vocabulary across tokenizers (default: the teacher's); the
+    teacher is counted at one token per student token, which its re-tokenized text roughly is.
     """
     q, kv, inter, d_t, vocab, layers = (args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim,
                                         args.intermediate_size, args.hidden_size, args.vocab_size, args.num_layers)
+    vocab = args.vocab_size if student_vocab is None else student_vocab
     teacher = forward_flops_per_token(args, seq_len)
-    student = 3 * forward_flops_per_token(replace(args, hidden_size=d_s), seq_len)
+    student = 3 * forward_flops_per_token(replace(args, hidden_size=d_s, vocab_size=vocab), seq_len)
     if dense is not None:
         projections, kept = dense
         per_target = (4 if projections == "train" else 2) * d_t * d_s

@@ -19,6 +19,7 @@ from lrc_dist.families import CheckpointError, ModelArgs
 from lrc_dist.indexed_dataset import Manifest
 from lrc_dist.model import INVALID_CONFIG, load_config, resized_config, weight_files
 from lrc_dist.resources import shipped
+from lrc_dist.tokenizer_files import load_tokenizer
 
 
 def check(cfg: TrainConfig, world_size: int, gather: bool = False) -> None:
@@ -90,9 +91,6 @@ def _on_policy(cfg: TrainConfig) -> list[str]:
     if cfg.data.document_mask:
         found.append("loss.on_policy_ratio with data.document_mask: the sampler reads a prompt as one sequence, "
                      "across its EOS tokens, while training would mask them; set one of them off")
-    if cfg.model.cross_tokenizer():
-        found.append("loss.on_policy_ratio is not built across tokenizers yet (the teacher would re-tokenize the "
-                     "generated text): set it to 0")
     return found
 
 
@@ -174,7 +172,14 @@ def _models(cfg: TrainConfig) -> list[str]:
     if not m.teacher:
         return found + ["model.teacher is not set: pass the directory of a local Hugging Face checkpoint"]
     teacher = _hf_config("model.teacher", m.teacher, found)
-    if m.student:
+    if m.student and m.method == "lrc":
+        if not (Path(m.student) / "tokenizer.json").is_file():
+            found.append(f"model.student={m.student} has no tokenizer.json: for model.method=lrc it names the "
+                         f"student's own tokenizer (LRC across tokenizers); unset it to keep the teacher's")
+        elif not (Path(m.teacher) / "tokenizer.json").is_file():
+            found.append(f"model.student: LRC across tokenizers re-tokenizes the text for the teacher, but "
+                         f"{m.teacher} has no tokenizer.json")
+    elif m.student:
         _hf_config("model.student", m.student, found)
     if teacher is None or (m.method == "kd" and m.student):
         return found
@@ -203,7 +208,9 @@ def _data(cfg: TrainConfig) -> list[str]:
     # the vocabulary and tokenizer of the model that reads the tokens
     model_dir = m.student if m.method == "lm" or (m.method == "kd" and m.student) else m.teacher
     vocab = None
-    if model_dir and (Path(model_dir) / "config.json").is_file():
+    if m.method == "lrc" and m.cross_tokenizer():  # the student's own vocabulary (lrc_dist.vocab)
+        vocab = load_tokenizer(Path(m.student)).get_vocab_size(with_added_tokens=True)
+    elif model_dir and (Path(model_dir) / "config.json").is_file():
         try:
             vocab = load_config(model_dir).vocab_size
         except CheckpointError:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from lrc_dist import preflight
 from lrc_dist.align import TeacherRetokenizer
-from lrc_dist.build import build_model, dtype_of, training_mixture
+from lrc_dist.build import build_model, dtype_of, teacher_max_len, training_mixture
 from lrc_dist.checkpoint import Checkpointer, agreed, read_train_state
 from lrc_dist.cluster import EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEMPTED, RunDirLocked, StopSignals, \
     die_with_launcher, lock_run_dir
@@ -36,7 +36,7 @@ from lrc_dist.config import ConfigError, TrainConfig, parse_args, resume_changes
 from lrc_dist.data import DistributedBatches
 from lrc_dist.export import export_run, part_tensors
 from lrc_dist.interface import DistillationModel
-from lrc_dist.lrc import check_teacher
+from lrc_dist.lrc_files import check_teacher
 from lrc_dist.metrics import (AgreementWatch, MetricsLogger, add_to_interval, human, interval_means, memory_gb,
                               new_interval, peak_flops)
 from lrc_dist.model import CheckpointError, teacher_fingerprint
@@ -79,11 +79,14 @@ def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.global_batch_size // per_pass
 
 
+ALIGNED_KEYS = ("teacher_input_ids", "align_student", "align_teacher", "align_mask")  # a batch across tokenizers
+CLONE_KEYS = ("clone_student", "clone_teacher", "clone_mask")  # ... of LRC: the positions its clone terms compare
+
+
 def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int, consumed_samples: int,
                   cross_tokenizer: bool = False):
     """This rank's micro-batches of the run's sample stream, from `consumed_samples` on; with
     `cross_tokenizer`, each also carries the teacher's tokens and the aligned positions."""
-    d = cfg.data
     mixture = training_mixture(cfg, vocab_size)
     ratio = cfg.loss.on_policy_ratio
     batches = iter(DistributedBatches(mixture, cfg.micro_batch_size, rank, world_size, consumed_samples, bool(ratio)))
@@ -92,15 +95,22 @@ def build_batches(cfg: TrainConfig, vocab_size: int, rank: int, world_size: int,
                     "on_policy_seeds": on_policy_seeds(b["sample_ids"], ratio, cfg.seed)} for b in batches)
     if not cross_tokenizer:
         return batches
-    retokenize = TeacherRetokenizer(cfg.model.student, cfg.model.teacher, d.teacher_max_len or 2 * d.seq_len)
+    add = teacher_tokens(cfg)
+    return (batch | add(batch["input_ids"], batch["labels"]) for batch in batches)
 
-    def with_teacher_tokens(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Adds the teacher's tokens of the window's text and the aligned positions."""
-        windows = torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1)  # packed: no -100 labels
+
+def teacher_tokens(cfg: TrainConfig):
+    """Across tokenizers: a function of a micro-batch's (input_ids, labels) giving the teacher's tokens
+    of its windows' text and the aligned positions (the batch's `ALIGNED_KEYS`, and LRC's `CLONE_KEYS`)."""
+    retokenize = TeacherRetokenizer(cfg.model.student, cfg.model.teacher, teacher_max_len(cfg))
+    keys = ALIGNED_KEYS + (CLONE_KEYS if cfg.model.method == "lrc" else ())
+
+    def add(input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        windows = torch.cat([input_ids, labels[:, -1:]], dim=1).cpu()  # packed (or generated): no -100 labels
         teacher = retokenize(windows)
-        return batch | {k: teacher[k] for k in ("teacher_input_ids", "align_student", "align_teacher", "align_mask")}
+        return {k: teacher[k] for k in keys}
 
-    return map(with_teacher_tokens, batches)
+    return add
 
 
 def all_reduce_sum(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
@@ -260,6 +270,8 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
     cross_tokenizer = model.cross_tokenizer
     batches = build_batches(cfg, model.vocab_size, info.rank, info.world_size, state["consumed_samples"],
                             cross_tokenizer)
+    # on-policy across tokenizers: the teacher reads the generated text in its own tokens
+    retokenize = teacher_tokens(cfg) if cross_tokenizer and cfg.loss.on_policy_ratio else None
     tokens_per_forward = cfg.micro_batch_size * cfg.data.seq_len
     model_flops = model.flops_per_token(cfg.data.seq_len, tokens_per_forward)
     peak = peak_flops(info.device, cfg.log.peak_tflops)
@@ -301,7 +313,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
             lr = lr_at(step - 1, cfg)
             backend.set_lr(lr)
             micro = [next(batches) for _ in range(grad_accum)]
-            bad, grad_norm, sums = take_step(backend, model, micro, cfg, info, state, cross_tokenizer)
+            bad, grad_norm, sums = take_step(backend, model, micro, cfg, info, state, retokenize)
             state["step"] = step
             state["consumed_samples"] += cfg.global_batch_size
             interval_flops += grad_accum * tokens_per_forward * model_flops
@@ -368,31 +380,50 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> dict[str, flo
         logger.close()
 
 
+def on_policy_inputs(model: DistillationModel, gathered, micro: list[dict], cfg: TrainConfig, device: torch.device,
+                     retokenize=None) -> list[dict]:
+    """Per micro-batch, the inputs that replace its own once the student has continued its
+    on-policy windows (input_ids, labels, lm_labels; across tokenizers the teacher's tokens of the
+    new text and the aligned positions, from `retokenize`) and its on-policy "metrics". The student
+    is materialised once, its parts gathered by `gathered` (collective: every rank calls), and freed
+    before the step's forwards and backwards."""
+    decoder = Decoder.of(materialised_student(model, gathered, dtype_of(cfg.model.dtype)))
+    out = []
+    for m in micro:
+        ids, labels, lm_labels, metrics = on_policy_batch(m["input_ids"].to(device), m["labels"].to(device),
+                                                          m["on_policy_seeds"], decoder, cfg.loss)
+        out.append({"input_ids": ids, "labels": labels, "lm_labels": lm_labels, "metrics": metrics})
+        if retokenize is not None and lm_labels is not None:  # the teacher reads the student's text
+            out[-1].update({k: v.to(device) for k, v in retokenize(ids, labels).items()})
+    return out
+
+
 def take_step(backend, model: DistillationModel, micro: list[dict], cfg: TrainConfig, info: DistInfo, state: dict,
-              cross_tokenizer: bool) -> tuple[str | None, float, dict[str, torch.Tensor]]:
+              retokenize=None) -> tuple[str | None, float, dict[str, torch.Tensor]]:
     """One optimizer step over this rank's micro-batches: (why it was skipped or None, grad norm,
     the summed metrics of this rank). Every rank skips a step that any rank finds bad. On-policy
-    windows are continued by the student first, materialised once for the step (every rank)."""
-    local = {"tokens": sum((m["labels"] != -100).sum() for m in micro)}
-    if cross_tokenizer:  # the aligned KD terms are means over the step's aligned pairs
-        local["aligned"] = sum(m["align_mask"].sum() for m in micro)
-    counts = all_reduce_sum(local, info.device)
+    windows are continued by the student first, materialised once for the step (every rank);
+    across tokenizers `retokenize` (`teacher_tokens`) gives the teacher its tokens of them."""
     spike_mean = (sum(state["recent_losses"]) / len(state["recent_losses"])
                   if cfg.loss_spike_factor and len(state["recent_losses"]) >= SPIKE_WARMUP else None)
     sums: dict[str, torch.Tensor] = {}
     bad = None
-    on_policy = [{} for _ in micro]  # per micro-batch: its continued windows' inputs and metrics
-    if cfg.loss.on_policy_ratio:  # every rank, every step: the gathers are collective
-        decoder = Decoder.of(materialised_student(model, backend.gathered, dtype_of(cfg.model.dtype)))
-        for m, continued in zip(micro, on_policy):
-            ids, labels, lm_labels, metrics = on_policy_batch(m["input_ids"].to(info.device), m["labels"].to(info.device),
-                                                              m["on_policy_seeds"], decoder, cfg.loss)
-            continued.update(input_ids=ids, labels=labels, lm_labels=lm_labels, metrics=metrics)
-        del decoder  # the student's copy goes before the forwards and backwards
+    # per micro-batch: its continued windows' inputs and metrics; every rank, every step (collective gathers)
+    on_policy = on_policy_inputs(model, backend.gathered, micro, cfg, info.device, retokenize) \
+        if cfg.loss.on_policy_ratio else [{} for _ in micro]
+    step = [{**m, **continued} for m, continued in zip(micro, on_policy)]
+    local = {"tokens": sum((m["labels"] != -100).sum() for m in step)}
+    if "align_mask" in micro[0]:  # across tokenizers the KD (and LRC's clone) terms are means over the step's pairs
+        local["aligned"] = sum(m["align_mask"].sum() for m in step)
+        if "clone_mask" in micro[0]:
+            local["clone_aligned"] = sum(m["clone_mask"].sum() for m in step)
+    counts = all_reduce_sum(local, info.device)
     for i, (m, continued) in enumerate(zip(micro, on_policy)):
         inputs = {k: v.to(info.device) for k, v in m.items() if k != "on_policy_seeds"}
         if "aligned" in counts:
             inputs["aligned_normalizer"] = counts["aligned"]
+        if "clone_aligned" in counts:
+            inputs["clone_normalizer"] = counts["clone_aligned"]
         extra = continued.pop("metrics", {})
         inputs.update(continued)
         loss, metrics = backend.model(loss_cfg=cfg.loss, normalizer=counts["tokens"], **inputs)

@@ -10,7 +10,7 @@ from lrc_dist.build import build_model, dtype_of
 from lrc_dist.checkpoint import read_train_state
 from lrc_dist.config import TrainConfig, config_of
 from lrc_dist.export import atomic_dir, load_trained, model_card, read_trained_tensors, save_student
-from lrc_dist.lrc import save_lrc
+from lrc_dist.lrc_files import save_lrc
 
 
 def export_from_disk(cfg: TrainConfig, tensors: dict[str, torch.Tensor], out: Path, summary: dict,

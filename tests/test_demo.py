@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -21,6 +23,8 @@ def test_demo_quick_preset_end_to_end(quick_demo):
     assert results["lrc"]["perplexity"] < 0.9 * results["kd"]["perplexity"]
     assert results["lrc_no_clone"]["perplexity"] < 0.9 * results["kd"]["perplexity"]
     assert "| LRC (width 32) |" in (tmp_path / "summary.md").read_text()
+    assert "held-out bits/byte" in (tmp_path / "summary.md").read_text()
+    assert all(1 < r["bits_per_byte"] < 8 for r in results.values())
     assert results["lrc_dskd"]["perplexity"] < 0.9 * results["kd_dskd"]["perplexity"]
     assert (tmp_path / "losses.png").stat().st_size > 10_000
     for name in ("lrc", "kd"):
@@ -51,3 +55,24 @@ def test_demo_beyond_adds_its_students_reusing_the_finished_stages(quick_demo):
         assert 1 < results[name]["perplexity"] < 512 and 1 <= results[name]["effective_rank"] <= 64, name
     assert "effective rank" in (out / "summary.md").read_text()
     assert (out / "perplexity.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow  # ~80 s: the corpus in Whisper's tokens and three students with its 50k vocabulary
+def test_demo_cross_tokenizer_adds_students_of_their_own_vocabulary(quick_demo):
+    """--cross_tokenizer on the quick demo's output: LRC and KD students with Whisper's tokenizer
+    train on the corpus in its tokens, export with its vocabulary and are compared in bits per byte."""
+    from transformers import AutoConfig
+
+    out, _ = quick_demo
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "lrc_dist.demo", "--out", str(out), "--preset", "quick", "--dskd",
+                           "--cross_tokenizer", "--plot", "False"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = json.loads((out / "results.json").read_text())
+    for name in ("lrc_xtok", "lrc_xtok_activation", "kd_xtok"):
+        hf = out / name / "export_00000020/hf"
+        assert AutoConfig.from_pretrained(hf).vocab_size == 50258, name
+        assert (hf / "tokenizer.json").read_bytes() == (
+            REPO / "lrc_dist/assets/tokenizers/whisper_multilingual/tokenizer.json").read_bytes()
+        assert 1 < results[name]["bits_per_byte"] < 8, name
+    assert "Whisper-tokenizer students" in (out / "summary.md").read_text()

@@ -10,10 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import build_checkpoint, rel_err
+from lrc_dist.build import load_lrc
 from lrc_dist.config import ConfigError, load_config
 from lrc_dist.export import export_student, student_tensors
 from lrc_dist.losses import LossConfig
-from lrc_dist.lrc import LowRankClone, LRCConfig, load_lrc, save_lrc
+from lrc_dist.lrc import LowRankClone, LRCConfig
+from lrc_dist.lrc_files import save_lrc
 from lrc_dist.parallel import adamw
 from lrc_dist.preflight import problems
 from test_export import IDS, add_tokenizer, student_logits, trained_looking_clone

@@ -248,7 +248,8 @@ def test_models_add_the_dual_space_objective(tmp_path, method):
     total.backward()
     assert model.dual_space.t2s.grad.abs().sum() > 0
     if method == "lrc":
-        from lrc_dist.lrc import load_lrc, save_lrc
+        from lrc_dist.build import load_lrc
+        from lrc_dist.lrc_files import save_lrc
 
         save_lrc(model, tmp_path / "saved", tmp_path / "t")
         assert not any("dual_space" in k for k in load_lrc(tmp_path / "saved").trainable_state_dict())

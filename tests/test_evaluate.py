@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
 from lrc_dist.data import TokenSet
 from lrc_dist.evaluate import SHIPPED_TASKS, choice, effective_rank, harness, perplexity, read_task
@@ -24,6 +25,12 @@ def test_perplexity_equals_direct_computation(tiny_job):
     nll = F.cross_entropy(model(windows[:, :-1]).flatten(0, 1), windows[:, 1:].flatten())
     assert got["tokens"] == 160
     assert got["perplexity"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
+    # bits per byte: over the text the targets spell (the corpus is ASCII), EOS one byte each
+    tokenizer = Tokenizer.from_file(f"{teacher}/tokenizer.json")
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    text = sum(len(tokenizer.decode(w[1:].tolist(), skip_special_tokens=True).encode()) for w in windows)
+    num_bytes = text + int((windows[:, 1:] == eos).sum())
+    assert got["bits_per_byte"] == pytest.approx(nll.item() * 160 / math.log(2) / num_bytes, rel=1e-5)
 
 
 def test_perplexity_rejects_a_token_set_of_another_tokenizer(tiny_job, tmp_path):

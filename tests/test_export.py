@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from conftest import build_checkpoint, randomize_, rel_err
 from lrc_dist.export import export_student, student_tensors
 from lrc_dist.kd import KnowledgeDistillation, student_like
-from lrc_dist.lrc import LowRankClone, LRCConfig, save_lrc
+from lrc_dist.lrc import LowRankClone, LRCConfig
+from lrc_dist.lrc_files import save_lrc
 from lrc_dist.model import CausalLM, CheckpointError
 from lrc_dist.parallel import full_tensors
 

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES as TEST_CONFIGS
 from conftest import build_checkpoint, rel_err
+from lrc_dist.build import load_lrc
 from lrc_dist.families import FAMILIES, ModelArgs, fuse_layer, hf_layer_shapes, split_layer
-from lrc_dist.lrc import load_lrc
 from lrc_dist.model import CausalLM, CheckpointError
 from test_train import run
 

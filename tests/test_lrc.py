@@ -5,7 +5,8 @@ import torch
 
 from conftest import build_checkpoint, rel_err
 from lrc_dist.losses import LossConfig
-from lrc_dist.lrc import CLONE_TERMS, LowRankClone, LRCConfig, lrc_loss
+from lrc_dist.lrc import LowRankClone, LRCConfig, lrc_loss
+from lrc_dist.lrc_config import CLONE_TERMS
 from lrc_dist.model import CausalLM, get_parameter
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -162,7 +163,8 @@ def test_micro_batches_give_the_full_batch_gradient_with_ignored_labels(tmp_path
 
 
 def test_a_different_teacher_is_caught(tmp_path):
-    from lrc_dist.lrc import load_lrc, save_lrc
+    from lrc_dist.build import load_lrc
+    from lrc_dist.lrc_files import save_lrc
     from lrc_dist.model import CheckpointError
 
     teacher = build_checkpoint(tmp_path / "teacher", "qwen2")
