@@ -100,11 +100,13 @@ def training_mixture(cfg: TrainConfig, vocab_size: int) -> PackedMixture:
 def calibration_windows(cfg: TrainConfig, vocab_size: int) -> torch.Tensor:
     """The input tokens [lrc.init_samples, seq_len] of the run's first samples (all of them if the run
     has fewer), the same on every rank whatever the world size: the projection init's calibration data.
-    Across tokenizers: the teacher's tokens of their text (right-padded with its EOS)."""
+    Across tokenizers: the teacher's tokens of their text, as many per window as the shortest has
+    (no padding enters the statistics)."""
     mixture = training_mixture(cfg, vocab_size)
     windows = torch.stack([mixture[i] for i in range(min(cfg.model.lrc.init_samples, len(mixture)))])
-    if cfg.model.cross_tokenizer():  # the teacher's stream: its tokens of the same text
-        return TeacherRetokenizer(cfg.model.student, cfg.model.teacher, teacher_max_len(cfg))(windows)["teacher_input_ids"]
+    if cfg.model.cross_tokenizer():  # the teacher's stream: its tokens of the same text, cut to the shortest row
+        teacher = TeacherRetokenizer(cfg.model.student, cfg.model.teacher, teacher_max_len(cfg))(windows)
+        return teacher["teacher_input_ids"][:, : int((teacher["teacher_labels"] != -100).sum(1).min())]
     return windows[:, :-1]
 
 

@@ -87,8 +87,8 @@ class DataConfig:
     verify: Literal["fast", "full", "none"] = "fast"
     """checksum check of the token sets at open"""
     teacher_max_len: int | None = None
-    """cross-tokenizer KD: the most teacher tokens a window's text may take (the rest go
-    unaligned); null: 2 * seq_len"""
+    """across tokenizers (KD and LRC): the most teacher tokens a window's text may take (the rest
+    go unaligned); null: 2 * seq_len"""
     document_mask: bool = False
     """attention stays within each document of a packed window (no token attends across an EOS)
     and RoPE positions restart per document, for teacher and student alike"""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import warnings
 from pathlib import Path
 
 import fire
@@ -85,10 +86,15 @@ def perplexity(model_dir: str, tokens: str, seq_len: int = 512, max_windows: int
 
 
 def token_bytes(model_dir: str | Path) -> torch.Tensor | None:
-    """Each token id's length in bytes (EOS: one), from MODEL_DIR/tokenizer.json; None without one."""
+    """Each token id's length in bytes (EOS: one), from MODEL_DIR/tokenizer.json; None without one
+    or when its tokens' bytes can't be read (a warning says why)."""
     if not (Path(model_dir) / "tokenizer.json").is_file():
         return None
-    vocab = ByteVocab.load(model_dir)
+    try:
+        vocab = ByteVocab.load(model_dir)
+    except ValueError as e:  # no EOS named, or not a byte-exact tokenizer: perplexity alone
+        warnings.warn(f"{model_dir}: no bits per byte ({e})", stacklevel=2)
+        return None
     lengths = torch.tensor([len(p) for p in vocab.pieces])
     lengths[vocab.eos_id] = 1
     return lengths

@@ -42,7 +42,7 @@ from lrc_dist.vocab import StudentVocab
 
 
 def masked_mse(a: Tensor, b: Tensor, valid: Tensor | None) -> Tensor:
-    """MSE over the features of the positions marked `valid` [B, T] (all when None): the clone terms
+    """MSE over the features of the positions marked `valid` ([B, T], or [N] pairs; all when None): the clone terms
     count the tokens the LM and KL terms count, so that splitting a batch into micro-batches
     (weighted by their labelled tokens) gives the same loss and gradient."""
     per_position = (a.float() - b.float()).pow(2).mean(-1)
@@ -155,12 +155,13 @@ class LowRankBlock(nn.Module):
 
     def student_forward(
         self, h_s: Tensor, teacher_taps: dict[str, Tensor], ctx: Context, valid: Tensor | None = None,
-        aligned: tuple[Tensor, Tensor, Tensor] | None = None,
+        aligned: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's layer (the model's own `decoder_layer`, generated weights) and its clone
         terms: its q, k, v, gate, up against the teacher's, its attention and FFN outputs against
-        the teacher's mapped through P_o and P_down. `aligned` = (rows, teacher positions, student
-        positions): across tokenizers, the terms compare those pairs only (means over them)."""
+        the teacher's mapped through P_o and P_down. `aligned` = (rows, student positions): across
+        tokenizers the terms compare those pairs only (means over them), `teacher_taps` [N, F]
+        holding the teacher's activations at the same pairs (`forward`)."""
         teacher_space = self.cfg.attn_out_space == "teacher"
         w = self.student_weights(self.generation_matmul, generate_o=not teacher_space)
         taps: dict[str, Tensor] = {}
@@ -173,10 +174,10 @@ class LowRankBlock(nn.Module):
         out = decoder_layer(h_s, w, self.student_args, ctx.rope[self.teacher.layer_type], ctx.masks[self.teacher.window],
                             record)
         terms = self.cfg.clone_terms
-        if aligned is not None:  # gathered before the mappings below: N pairs, not B * T_t positions
-            rows, t_pos, s_pos = aligned
-            teacher_taps = {m: pick(teacher_taps[m], rows, t_pos) for m in terms}
-            taps, valid = {m: pick(taps[m], rows, s_pos) for m in terms}, None
+        if aligned is not None:
+            rows, s_pos = aligned
+            taps = {m: pick(taps[m], rows, s_pos) for m in terms}
+            valid = torch.ones(len(rows), dtype=torch.bool, device=rows.device)  # no pairs: 0, not a NaN
         targets = {m: teacher_taps[m] for m in INPUT_SIDE if m in terms}
         if "attn_out" in terms:
             targets["attn_out"] = teacher_taps["attn_out"] if teacher_space else teacher_taps["attn_out"] @ self.p("o")
@@ -190,12 +191,17 @@ class LowRankBlock(nn.Module):
         """Both layers; across tokenizers the teacher reads its own sequence (`teacher_ctx`) and the
         clone terms compare the `aligned` positions (`student_forward`)."""
         h_t_next, teacher_taps = self.teacher_forward(h_t, teacher_ctx or ctx)
+        student_pairs = None
+        if aligned is not None:  # keep the teacher's taps at the N pairs only, not at B * T_t positions
+            rows, t_pos, s_pos = aligned
+            teacher_taps = {m: pick(teacher_taps[m], rows, t_pos) for m in self.cfg.clone_terms}
+            student_pairs = (rows, s_pos)
         if self.activation_checkpointing and torch.is_grad_enabled():
             # Recompute only the student in backward; the teacher's taps are kept, never recomputed.
-            h_s_next, clone = checkpoint(self.student_forward, h_s, teacher_taps, ctx, valid, aligned,
+            h_s_next, clone = checkpoint(self.student_forward, h_s, teacher_taps, ctx, valid, student_pairs,
                                          use_reentrant=False)
         else:
-            h_s_next, clone = self.student_forward(h_s, teacher_taps, ctx, valid, aligned)
+            h_s_next, clone = self.student_forward(h_s, teacher_taps, ctx, valid, student_pairs)
         return h_t_next, h_s_next, clone
 
 
@@ -253,6 +259,8 @@ class LowRankClone(nn.Module):
     def set_document_mask(self, eos_id: int | None) -> None:
         """Attention and RoPE positions per document of a packed window (documents end with
         `eos_id`), for teacher and student alike; None: the whole window is one sequence."""
+        if self.cross_tokenizer and eos_id is not None:
+            raise ValueError("data.document_mask is not supported across tokenizers yet: set it to false.")
         self.document_eos = eos_id
 
     def enable_dual_space(self) -> None:
@@ -540,7 +548,8 @@ def lrc_loss(
         total = aligned.get("clone_normalizer")
         share = 1.0 if total is None else aligned["clone_mask"].sum() / max(total, 1)
         w_s_shared, w_t_shared = model.kd_heads(w_s)
-        head, metrics = aligned_logit_losses(out.student_hidden, w_s, w_s_shared, out.teacher_hidden, w_t_shared,
+        h_t = out.teacher_hidden if cfg.kl_weight or cfg.dskd_weight else None  # no KD term: no KD pass
+        head, metrics = aligned_logit_losses(out.student_hidden, w_s, w_s_shared, h_t, w_t_shared,
                                              labels, cfg, normalizer, model.dual_space, lm_labels, **{
                                                  k: aligned.get(k) for k in ("align_student", "align_teacher",
                                                                              "align_mask", "aligned_normalizer")})

@@ -16,7 +16,12 @@ The rows (`StudentVocab.embedding_rows`, `head_rows`) follow one rule per kind o
   Its embedding row is their mean (the usual rule for a new token's input embedding, as in
   vocabulary transfer methods); its head row is the first one's: predicting the student's token
   means predicting the text it starts with, which the teacher predicts with its first piece;
-- a special token the teacher does not have (markup, never text): the mean of all teacher rows.
+- a special token (markup, never text): the teacher's row of the special token with the same
+  content (e.g. `<|im_start|>` between two Qwen-family tokenizers), else the mean of the teacher's
+  ordinary rows (its real tokens: not its specials, nor the padding rows past its tokenizer).
+
+A tied teacher has one matrix for both, so the student's head rows are its embedding rows (the
+mean rule), as its tied export must have them.
 
 The rows are derived, never trained or checkpointed: the model is rebuilt from the teacher and the
 two tokenizers. Only the projections train, as in LRC; the dense phase (`lrc.dense_after`) frees
@@ -45,9 +50,11 @@ class StudentVocab:
     teacher_ids: Tensor  # the shared tokens (align.vocab_overlap): teacher id ...
     student_ids: Tensor  # ... and student id, by student id
     spelling: Tensor  # the teacher ids spelling each student token, flat ...
-    offsets: Tensor  # ... from offsets[j]; a token with none (a special one) has an empty run
+    offsets: Tensor  # ... from offsets[j]; a token with none (an unmatched special one) has an empty run
     eos_id: int
     bos_id: int | None
+    teacher_tokens: int  # the teacher tokenizer's ids (rows past them are padding) ...
+    teacher_specials: Tensor  # ... and its special ones: the rest are the rows an unmatched special token averages
 
     @classmethod
     def load(cls, teacher_dir: str | Path, student_dir: str | Path) -> StudentVocab:
@@ -57,34 +64,39 @@ class StudentVocab:
         mapping = retokenize.student_to_teacher
         ordinary = [j for j in range(len(student.pieces)) if mapping[j] < 0 and j not in student.special]
         spelled = dict(zip(ordinary, retokenize.spell([student.pieces[j] for j in ordinary]), strict=True))
+        teacher_specials = {teacher.pieces[i]: i for i in sorted(teacher.special) if teacher.pieces[i]}
+        spelled.update({j: [teacher_specials[student.pieces[j]]] for j in student.special
+                        if mapping[j] < 0 and student.pieces[j] in teacher_specials})
         runs = [[int(mapping[j])] if mapping[j] >= 0 else spelled.get(j, []) for j in range(len(student.pieces))]
         lengths = torch.tensor([len(r) for r in runs])
         shared = torch.from_numpy(mapping >= 0).nonzero().flatten()
         return cls(Path(student_dir), len(runs), torch.from_numpy(mapping)[shared], shared,
                    torch.tensor([t for r in runs for t in r], dtype=torch.long),
-                   torch.cumsum(lengths, 0) - lengths, student.eos_id, _bos_id(Path(student_dir), student))
+                   torch.cumsum(lengths, 0) - lengths, student.eos_id, _bos_id(Path(student_dir), student),
+                   len(teacher.pieces), torch.tensor(sorted(teacher.special), dtype=torch.long))
 
     @torch.no_grad()
     def embedding_rows(self, teacher_embedding: Tensor) -> Tensor:
-        """B_embed [V_S, d_T]: the mean of the spelling's rows; the mean of all for a special token."""
-        rows = F.embedding_bag(self.spelling, _wide(teacher_embedding), self.offsets, mode="mean")
-        return self._fill_specials(rows, teacher_embedding).to(teacher_embedding.dtype)
+        """B_embed [V_S, d_T]: the mean of the spelling's rows (module doc), in the weight's dtype
+        and on its device."""
+        spelling, offsets = self.spelling.to(teacher_embedding.device), self.offsets.to(teacher_embedding.device)
+        rows = F.embedding_bag(spelling, teacher_embedding, offsets, mode="mean")
+        return self._fill_specials(rows, teacher_embedding)
 
     @torch.no_grad()
     def head_rows(self, teacher_head: Tensor) -> Tensor:
-        """B_head [V_S, d_T]: the first spelling token's row; the mean of all for a special token."""
+        """B_head [V_S, d_T]: the first spelling token's row (module doc)."""
         first = self.spelling[self.offsets.clamp(max=len(self.spelling) - 1)]
-        return self._fill_specials(_wide(teacher_head[first]), teacher_head).to(teacher_head.dtype)
+        return self._fill_specials(teacher_head[first.to(teacher_head.device)], teacher_head)
 
     def _fill_specials(self, rows: Tensor, teacher: Tensor) -> Tensor:
+        """The tokens with no spelling take the mean of the teacher's ordinary rows (fp32 sums)."""
         empty = torch.diff(self.offsets, append=torch.tensor([len(self.spelling)])) == 0
-        rows[empty] = _wide(teacher).mean(0)
+        if empty.any():  # sums, not an fp32 copy of the table (2 GiB at 7B)
+            specials = teacher[self.teacher_specials.to(teacher.device)].sum(0, dtype=torch.float32)
+            total = teacher[: self.teacher_tokens].sum(0, dtype=torch.float32) - specials
+            rows[empty.to(rows.device)] = (total / (self.teacher_tokens - len(self.teacher_specials))).to(rows.dtype)
         return rows
-
-
-def _wide(weight: Tensor) -> Tensor:
-    """`weight` in at least fp32, the precision the rows are averaged in."""
-    return weight.to(torch.promote_types(weight.dtype, torch.float32))
 
 
 def _bos_id(path: Path, vocab: ByteVocab) -> int | None:

@@ -6,6 +6,7 @@ checkpoint with the student's vocabulary and tokenizer."""
 
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_same_curve, rel_err
+from conftest import assert_same_curve, build_checkpoint, rel_err
 from export_reference import assert_export_as_from_disk
 from lrc_dist.align import TeacherRetokenizer
 from lrc_dist.build import calibration_windows, load_lrc
@@ -72,8 +73,9 @@ def test_student_rows_follow_the_rule(cross_job):
     for j in range(320):
         if j in shared:
             assert torch.equal(rows[j], embedding[shared[j]]) and torch.equal(head_rows[j], head[shared[j]])
-        elif j == pad:  # a special token the teacher lacks
-            assert torch.allclose(rows[j], embedding.mean(0)) and torch.allclose(head_rows[j], head.mean(0))
+        elif j == pad:  # a special token the teacher lacks: the mean of its ordinary rows (not its EOS)
+            ordinary = [i for i in range(300) if i != teacher_tok.token_to_id("<|endoftext|>")]
+            assert torch.allclose(rows[j], embedding[ordinary].mean(0)) and torch.allclose(head_rows[j], head[ordinary].mean(0))
         else:  # the teacher's tokens of its text
             spelling = teacher_tok.encode(student_tok.decode([j]), add_special_tokens=False).ids
             assert len(spelling) > 1
@@ -93,11 +95,24 @@ def layer_taps(model: CausalLM, ids: torch.Tensor) -> tuple[list[dict[str, torch
     return taps, F.linear(model.model.norm(h), model.lm_head_weight)
 
 
-def test_loss_is_the_formula_on_the_materialised_student_and_the_teacher(cross_job):
-    teacher_dir, student_dir, _ = cross_job
-    cfg = lrc_cfg(cross_job, **{"model.lrc.init": "svd"})
+@pytest.fixture(scope="module")
+def tied_job(cross_job, tmp_path_factory):
+    """cross_job with a teacher of tied embeddings (qwen3): the student's head rows are its embedding rows."""
+    teacher, student, tokens = cross_job
+    tied = build_checkpoint(tmp_path_factory.mktemp("tied") / "teacher", "qwen3", vocab_size=300)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(Path(teacher) / name, Path(tied) / name)
+    return tied, student, tokens
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_is_the_formula_on_the_materialised_student_and_the_teacher(cross_job, tied_job, tied):
+    job = tied_job if tied else cross_job
+    teacher_dir, student_dir, _ = job
+    cfg = lrc_cfg(job, **{"model.lrc.init": "svd"})
     model = build_model(cfg, dtype=torch.float32)
     assert model.cross_tokenizer and model.vocab_size == 320 and "vocab_embed.weight" not in model.trainable_state_dict()
+    assert hasattr(model, "vocab_head") != tied
     batch = next(build_batches(cfg, 320, 0, 1, 0, True))
     loss_cfg = LossConfig(kl_weight=0.7, clone_weight=0.3, temperature=2.0, chunk_tokens=7)
     loss, metrics = model(**batch, loss_cfg=loss_cfg)
@@ -145,11 +160,29 @@ def test_calibration_reads_the_teachers_tokens_and_preflight_names_a_missing_tok
     cfg = lrc_cfg(cross_job, **{"model.lrc.init": "activation", "model.lrc.init_samples": 3})
     windows = calibration_windows(cfg, 320)
     batch = next(build_batches(lrc_cfg(cross_job, micro_batch_size=3, global_batch_size=3), 320, 0, 1, 0, True))
-    assert torch.equal(windows, batch["teacher_input_ids"])  # the teacher's tokens of the first windows
+    # the teacher's tokens of the first windows, as many as the shortest has (no padding)
+    teacher = TeacherRetokenizer(student_dir, teacher_dir, 64)(torch.cat([batch["input_ids"], batch["labels"][:, -1:]], 1))
+    shortest = int((teacher["teacher_labels"] != -100).sum(1).min())
+    assert shortest < teacher["teacher_input_ids"].shape[1]  # the rows differ in length
+    assert torch.equal(windows, teacher["teacher_input_ids"][:, :shortest])
     build_model(cfg, dtype=torch.float32)  # the activation init runs on them
     (tmp_path / "empty").mkdir()
     found = problems(lrc_cfg(cross_job, **{"model.student": str(tmp_path / "empty")}), 1)
     assert any("model.student=" in f and "no tokenizer.json" in f for f in found)
+
+
+def test_dense_phase_starts_from_the_generated_student_of_its_own_vocabulary(cross_job):
+    cfg = lrc_cfg(cross_job, **{"model.lrc.init": "svd"})
+    model = build_model(cfg, dtype=torch.float32)
+    batch = next(build_batches(cfg, 320, 0, 1, 0, True))
+    loss_cfg = LossConfig(kl_weight=0.5, temperature=2.0)
+    with torch.no_grad():
+        before, student = model(**batch, loss_cfg=loss_cfg)[0], model.student_state_dict()
+        model.densify()
+        after = model(**batch, loss_cfg=loss_cfg)[0]
+    assert model.embed_dense.shape == (320, 16) and model.lm_head_dense.shape == (320, 16)
+    assert all(rel_err(model.student_state_dict()[k], v) < 1e-6 for k, v in student.items())
+    assert after.item() == pytest.approx(before.item(), rel=1e-5)
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
