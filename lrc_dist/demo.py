@@ -297,8 +297,9 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
                              "effective_rank": ppl["effective_rank"]}
             cached.write_text(json.dumps(results[name]))
             how = f"{time.perf_counter() - tick:.0f} s"
-        print(f"   [{i}/{len(exports)}] {name}: perplexity {results[name]['perplexity']:.2f}, "
-              f"{results[name]['bits_per_byte']:.4f} bits/byte, cloze acc {results[name]['cloze_acc']:.3f} ({how})", flush=True)
+        r = results[name]
+        print(f"   [{i}/{len(exports)}] {name}: perplexity {r['perplexity']:.2f}, {r['bits_per_byte']:.4f} bits/byte, "
+              f"cloze acc {r['cloze_acc']:.3f} ({how})", flush=True)
     train_tokens = p["student_steps"] * p["batch"] * p["seq_len"]
     table = summary_table(results, train_tokens, p, students)
     (root / "results.json").write_text(json.dumps(results, indent=2))

@@ -42,9 +42,9 @@ from lrc_dist.vocab import StudentVocab
 
 
 def masked_mse(a: Tensor, b: Tensor, valid: Tensor | None) -> Tensor:
-    """MSE over the features of the positions marked `valid` ([B, T], or [N] pairs; all when None): the clone terms
-    count the tokens the LM and KL terms count, so that splitting a batch into micro-batches
-    (weighted by their labelled tokens) gives the same loss and gradient."""
+    """MSE over the features of the positions marked `valid` ([B, T], or [N] pairs; all when None):
+    the clone terms count the tokens the LM and KL terms count, so that splitting a batch into
+    micro-batches (weighted by their labelled tokens) gives the same loss and gradient."""
     per_position = (a.float() - b.float()).pow(2).mean(-1)
     if valid is None:
         return per_position.mean()
@@ -483,8 +483,8 @@ class LowRankClone(nn.Module):
         a = self.student_args()
         config = resized_config(self.hf_config, a.hidden_size, a.head_dim, a.rms_norm_eps, a.tie_word_embeddings)
         if self.cross_tokenizer:  # the student's vocabulary and special tokens
-            config.vocab_size, config.eos_token_id, config.bos_token_id = a.vocab_size, self.vocab.eos_id, self.vocab.bos_id
-            config.pad_token_id = None
+            config.vocab_size, config.pad_token_id = a.vocab_size, None
+            config.eos_token_id, config.bos_token_id = self.vocab.eos_id, self.vocab.bos_id
         return config
 
     @torch.no_grad()
