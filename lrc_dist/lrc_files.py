@@ -7,21 +7,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from safetensors.torch import save_file
+from torch import nn
 
 from lrc_dist.indexed_dataset import tokenizer_sha256
 from lrc_dist.model import CheckpointError, teacher_fingerprint
 
-if TYPE_CHECKING:
-    from lrc_dist.lrc import LowRankClone
-
 LRC_CONFIG_FILE, LRC_WEIGHTS_FILE = "lrc_config.json", "lrc_trainable.safetensors"
 
 
-def save_lrc(model: "LowRankClone", path: str | Path, teacher_path: str | Path) -> None:
-    """Write the trainable tensors and the config; the teacher is referenced, never copied."""
+def save_lrc(model: nn.Module, path: str | Path, teacher_path: str | Path) -> None:
+    """Write the trainable tensors and the config of `model`, an `lrc.LowRankClone` (not imported:
+    lrc.py imports this module); the teacher is referenced, never copied."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     # the student only: the DSKD projector is a training-time tool, no part of the student
