@@ -84,6 +84,23 @@ def test_student_rows_follow_the_rule(cross_job):
     assert checked > 10
 
 
+def test_a_special_token_of_both_tokenizers_takes_the_teachers_row(cross_job, tmp_path):
+    teacher_dir, student_dir, _ = cross_job
+    tokenizers = {}
+    for name, source in (("teacher", teacher_dir), ("student", student_dir)):
+        shutil.copytree(source, tmp_path / name)
+        tokenizer = Tokenizer.from_file(str(tmp_path / name / "tokenizer.json"))
+        tokenizer.add_special_tokens(["<|sep|>"])
+        tokenizer.save(str(tmp_path / name / "tokenizer.json"))
+        tokenizers[name] = tokenizer
+    vocab = StudentVocab.load(tmp_path / "teacher", tmp_path / "student")
+    sep_s, sep_t = tokenizers["student"].token_to_id("<|sep|>"), tokenizers["teacher"].token_to_id("<|sep|>")
+    assert vocab.size == 321 and sep_t == 300
+    embedding = torch.randn(301, 8, dtype=torch.float64)
+    assert torch.equal(vocab.embedding_rows(embedding)[sep_s], embedding[sep_t])
+    assert torch.equal(vocab.head_rows(embedding)[sep_s], embedding[sep_t])
+
+
 def layer_taps(model: CausalLM, ids: torch.Tensor) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
     """Every layer's q, k, v, gate, up, attn_out, ffn_out of `model` on `ids`, and its logits."""
     h = model.embed(ids)
