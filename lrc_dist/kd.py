@@ -185,9 +185,7 @@ class KnowledgeDistillation(nn.Module):
                 h_t = self.teacher.hidden_states(teacher_input_ids)
         w_s_shared, w_t_shared = self.kd_heads()
         total, metrics = aligned_logit_losses(h_s, self.student.lm_head_weight, w_s_shared, h_t, w_t_shared, labels,
-                                              loss_cfg, normalizer, self.dual_space, lm_labels, **{
-                                                  k: aligned.get(k) for k in ("align_student", "align_teacher",
-                                                                              "align_mask", "aligned_normalizer")})
+                                              loss_cfg, normalizer, self.dual_space, lm_labels, aligned)
         return total, {"loss": total.detach(), **metrics}
 
     def student_hidden(self, input_ids: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ then only scales the stored gradients.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -178,15 +179,16 @@ def logit_losses(
 def aligned_logit_losses(
     h_s: Tensor, w_s: Tensor, w_s_shared: Tensor, h_t: Tensor | None, w_t_shared: Tensor, labels: Tensor,
     cfg: LossConfig, normalizer: float | None, dual_space: HeadObjective | None, lm_labels: Tensor | None,
-    align_student: Tensor | None, align_teacher: Tensor | None, align_mask: Tensor | None,
-    aligned_normalizer: float | None,
+    aligned: Mapping[str, Tensor | float],
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """`logit_losses` across tokenizers (lrc_dist.align): the LM term on the student's own tokens
     `labels` [B, T] (or `lm_labels`) and full head `w_s`; the KD terms at the aligned pairs only
-    (student position align_student[b, k], teacher position align_teacher[b, k] where
-    align_mask[b, k]), both heads restricted to the shared vocabulary (`w_*_shared`), means over
+    (`aligned`, a batch's `TeacherRetokenizer` tensors: student position align_student[b, k],
+    teacher position align_teacher[b, k] where align_mask[b, k]), both heads restricted to the shared vocabulary (`w_*_shared`), means over
     the step's aligned pairs (`aligned_normalizer`; default: this micro-batch's). h_t: the
     teacher's final hidden states [B, T_t, d_T], None when no KD term is on. Both KD and LRC use it."""
+    align_student, align_teacher = aligned.get("align_student"), aligned.get("align_teacher")
+    align_mask, aligned_normalizer = aligned.get("align_mask"), aligned.get("aligned_normalizer")
     if normalizer is None:
         normalizer = max(int((labels != IGNORE_INDEX).sum()), 1)
     lm_target = (labels if lm_labels is None else lm_labels).flatten()

@@ -550,9 +550,7 @@ def lrc_loss(
         w_s_shared, w_t_shared = model.kd_heads(w_s)
         h_t = out.teacher_hidden if cfg.kl_weight or cfg.dskd_weight else None  # no KD term: no KD pass
         head, metrics = aligned_logit_losses(out.student_hidden, w_s, w_s_shared, h_t, w_t_shared,
-                                             labels, cfg, normalizer, model.dual_space, lm_labels, **{
-                                                 k: aligned.get(k) for k in ("align_student", "align_teacher",
-                                                                             "align_mask", "aligned_normalizer")})
+                                             labels, cfg, normalizer, model.dual_space, lm_labels, aligned)
     weights = model.cfg.clone_term_weights
     clone = share * sum(weights.get(name, 1.0) * value for name, value in out.clone.items())
     total = head + cfg.clone_weight * clone
