@@ -43,6 +43,8 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    mesh: object | None = None
+    """FSDP2's device mesh, when made beforehand (lrc_dist.plan: outside its fake tensor mode)"""
 
     @property
     def is_main(self) -> bool:
@@ -96,7 +98,8 @@ class TorchBackend:
     def __init__(self, model: DistillationModel, cfg: TrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
         model.set_activation_checkpointing(cfg.parallel.activation_checkpointing)
-        model.to(info.device)
+        if any(t.device != info.device for t in (*model.parameters(), *model.buffers())):
+            model.to(info.device)  # (a no-op .to would still swap every tensor: the planner's fakes refuse)
         self.placement = "one process, nothing sharded"  # for the start-up summary
         self.generation_group = None
         if cfg.parallel.backend == "fsdp":
@@ -215,7 +218,7 @@ def shard_fsdp(model: DistillationModel, cfg: TrainConfig, info: DistInfo) -> bo
     if mode not in ("auto", "shard", "replicate"):
         raise ValueError(f"parallel.teacher={mode!r}; use auto, shard or replicate.")
     replicate = mode == "replicate" or (mode == "auto" and teacher_fits(model, info))
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mesh = info.mesh or init_device_mesh(info.device.type, (info.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=dtype_of(cfg.parallel.param_dtype), reduce_dtype=dtype_of(cfg.parallel.reduce_dtype))
 
     def frozen(module: nn.Module) -> set[nn.Parameter] | None:
