@@ -165,6 +165,12 @@ def export(command: str, w: dict) -> None:
     run(substitute(command, table), w)
 
 
+def plan(command: str, w: dict) -> None:
+    """The recipes' plans at their real shapes (each about a minute: a slow test)."""
+    out = run(substitute(command, []), w)
+    assert '"recommended"' in out if "--json" in command else "recommended:" in out, out[-2000:]
+
+
 HANDLERS = {
     ".venv/bin/python -m lrc_dist.demo": demo,
     ".venv/bin/python data_prep/tokenize.py": tokenize,
@@ -174,10 +180,12 @@ HANDLERS = {
     "DRY_RUN=1 bash slurm/": slurm,
     ".venv/bin/python -m lrc_dist.evaluate": evaluate,
     ".venv/bin/python -m lrc_dist.export": export,
+    ".venv/bin/python -m lrc_dist.plan": plan,
 }
 
 
-SLOW = ("torchrun ", ".venv/bin/python -m lrc_dist.evaluate harness")  # multi-process, or lm-eval's start-up
+# multi-process, lm-eval's start-up, or a plan at a real shape
+SLOW = ("torchrun ", ".venv/bin/python -m lrc_dist.evaluate harness", ".venv/bin/python -m lrc_dist.plan")
 
 
 def cases():
