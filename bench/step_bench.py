@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/step_bench.py                       # CPU-sized model, paper's seq 2048 x 2
     .venv/bin/python bench/step_bench.py --shape qwen7b --device cuda --dtype bfloat16 --seq 2048
+    .venv/bin/python bench/step_bench.py --allocator product   # as the trainer runs: no environment variable
 
 Both sides train the same student shape on the same tokens with the same LM + KL head loss and
 AdamW; the LRC side additionally generates its weights (W_T @ P), computes the clone terms and
@@ -28,6 +29,7 @@ from lrc_dist.lrc import LowRankClone, LRCConfig
 from lrc_dist.metrics import lrc_flops_per_token, peak_flops
 from lrc_dist.families import ModelArgs
 from lrc_dist.model import CausalLM
+from lrc_dist.resources import keep_freed_cpu_memory
 
 # (model_type, hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied, student hidden)
 SHAPES = {
@@ -76,14 +78,23 @@ CPU_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 <<
 
 
 def main(shape: str = "cpu", batch: int = 2, seq: int = 2048, steps: int = 3, device: str = "cpu",
-         dtype: str = "float32", checkpointing: bool = False, threads: int = 1):
-    if device == "cpu" and any(os.environ.get(k) != v for k, v in CPU_ALLOCATOR_ENV.items()):
+         dtype: str = "float32", checkpointing: bool = False, threads: int = 1, allocator: str = "bench",
+         chunk_tokens: int | None = None):
+    """allocator (CPU): bench, glibc told by CPU_ALLOCATOR_ENV to keep freed memory (the bench
+    re-executes itself with it); product, what the trainer does with no environment variable
+    (lrc_dist.resources.keep_freed_cpu_memory); glibc, its defaults. chunk_tokens: the head
+    loss's (loss.chunk_tokens; default: by device type)."""
+    if allocator not in ("bench", "product", "glibc"):
+        raise ValueError(f"--allocator {allocator!r}: bench, product or glibc")
+    if device == "cpu" and allocator == "bench" and any(os.environ.get(k) != v for k, v in CPU_ALLOCATOR_ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CPU_ALLOCATOR_ENV})
+    if device == "cpu" and allocator == "product":
+        keep_freed_cpu_memory()
     torch.set_num_threads(threads)
     dev, dt = torch.device(device), getattr(torch, dtype)
     torch.manual_seed(0)
     d_s = SHAPES[shape][-1]
-    loss_cfg = LossConfig()
+    loss_cfg = LossConfig(chunk_tokens=chunk_tokens)
     ids = torch.randint(0, SHAPES[shape][7], (batch, seq + 1), device=dev)
     inputs, labels = ids[:, :-1], ids[:, 1:]
 
@@ -130,13 +141,16 @@ def main(shape: str = "cpu", batch: int = 2, seq: int = 2048, steps: int = 3, de
     faults = max(t[2] for t in lrc_times), max(t[2] for t in dense_times)
     tokens = batch * seq
     print(f"shape={shape} d_S={d_s} batch={batch} seq={seq} device={device} dtype={dtype} "
-          f"threads={torch.get_num_threads()} checkpointing={checkpointing}")
+          f"threads={torch.get_num_threads()} checkpointing={checkpointing} allocator={allocator} "
+          f"chunk_tokens={chunk_tokens or 'default'}")
     print(f"LRC step   {t_lrc * 1e3:9.1f} ms  {tokens / t_lrc:10.0f} tokens/s")
     print(f"dense step {t_dense * 1e3:9.1f} ms  {tokens / t_dense:10.0f} tokens/s  (teacher fwd + student train)")
     print(f"ratio LRC/dense = {t_lrc / t_dense:.3f}  (target <= 1.10; {'thread CPU' if clock else 'wall'} time; "
           f"wall-time ratio {wall:.3f})")
     if dev.type == "cpu":
         print(f"page faults per step, at most: LRC {faults[0]}, dense {faults[1]}")
+        print(f"peak resident memory of the process (both sides): "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     peak = peak_flops(dev, None)
     if peak:
         flops = lrc_flops_per_token(lrc.teacher_args, d_s, seq, tokens)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrc_dist.divergences import divergence_fn
-from lrc_dist.losses import CHUNK_ELEMENTS, LossConfig
+from lrc_dist.losses import LossConfig, chunk_tokens
 
 _RCOND = 1e-6  # singular values of a head below this fraction of its largest one count as zero
 _GRAM_ROWS = 4096  # vocabulary rows per block of the float64 Gram products
@@ -167,7 +167,7 @@ def dskd_losses(
     n_valid = valid.sum()
     if normalizer is None:
         normalizer = max(float(n_valid), 1.0)
-    chunk = cfg.chunk_tokens or max(1, CHUNK_ELEMENTS // w_s.shape[0])
+    chunk = chunk_tokens(cfg, w_s.shape[0], h_s.device)
     terms = functools.partial(_chunk_terms, temperature=cfg.dskd_temperature, mask=cfg.dskd_mask,
                               divergence=divergence_fn(cfg.dskd_divergence, cfg.skew, field="dskd_divergence"))
     s2t = projector.s2t(w_s, w_t)  # once per call; autograd takes its gradient on to w_s

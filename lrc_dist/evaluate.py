@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from lrc_dist.align import ByteVocab
 from lrc_dist.data import TokenSet
-from lrc_dist.resources import PACKAGE
+from lrc_dist.resources import PACKAGE, keep_freed_cpu_memory
 
 SHIPPED_TASKS = PACKAGE / "assets" / "tasks"
 # The LRC paper's zero-shot suite, by lm-evaluation-harness task name.
@@ -47,6 +47,8 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu
 
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; pass a Hugging Face checkpoint dir (e.g. an export).")
+    if torch.device(device).type == "cpu":
+        keep_freed_cpu_memory()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), local_files_only=True)
     return model.to(device).eval()
 

@@ -26,7 +26,17 @@ from torch import Tensor
 from lrc_dist.divergences import Divergence, divergence_fn
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB fp32 each for student and teacher)
+# Logits per chunk of the head losses, by device type. On a GPU, large chunks keep the matmuls large,
+# and the caching allocator reuses the chunks' blocks. On a CPU, glibc serves blocks of 32 MiB and
+# more with mmap and unmaps them on free. A chunk of 2^25 logits (128 MiB in fp32) is then mapped,
+# page-faulted in zero-filled, and unmapped again for every temporary of every chunk of every step.
+# 2^22 logits (16 MiB) stay on the heap (bench/RESULTS.md).
+CHUNK_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 22}
+
+
+def chunk_tokens(cfg: "LossConfig", vocab: int, device: torch.device) -> int:
+    """Tokens per chunk of a head loss over `vocab` logits on `device` (`loss.chunk_tokens` if set)."""
+    return cfg.chunk_tokens or max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"]) // vocab)
 
 
 @dataclass
@@ -47,7 +57,8 @@ class LossConfig:
     skew: float = 0.1
     """lambda of the skewed KL divergences"""
     chunk_tokens: int | None = None
-    """tokens per chunk of the head losses; null: about 2^25 logits per chunk"""
+    """tokens per chunk of the head losses; null: about 2^25 logits per chunk on a GPU, 2^22 on a
+    CPU (below glibc's mmap threshold)"""
     dskd_weight: float = 0.0
     """weight of the dual-space KD loss (lrc_dist.dskd); 0 disables it"""
     dskd_temperature: float = 2.0
@@ -143,7 +154,7 @@ def head_losses(
     """
     if normalizer is None:
         normalizer = max(int((labels != IGNORE_INDEX).sum()), 1)
-    chunk = cfg.chunk_tokens or max(1, CHUNK_ELEMENTS // w_s.shape[0])
+    chunk = chunk_tokens(cfg, w_s.shape[0], h_s.device)
     kl_weight = cfg.kl_weight if h_t is not None else 0.0
     divergence = divergence_fn(cfg.divergence, cfg.skew)
     return _HeadLosses.apply(h_s, w_s, h_t, w_t, labels, divergence, cfg.temperature, cfg.lm_weight,

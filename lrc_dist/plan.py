@@ -56,6 +56,7 @@ from torch import nn
 from lrc_dist.build import dtype_of
 from lrc_dist.config import ConfigError, TrainConfig, parse_args
 from lrc_dist.families import ModelArgs
+from lrc_dist.losses import chunk_tokens
 from lrc_dist.lrc import LowRankClone
 from lrc_dist.metrics import forward_flops_per_token, lrc_flops_per_token
 from lrc_dist.model import CausalLM, CheckpointError, load_checked, load_config
@@ -148,8 +149,10 @@ def _model(cfg: TrainConfig, hf_config, device: torch.device) -> LowRankClone:
     return model
 
 
-def apply(cfg: TrainConfig, cand: Candidate) -> TrainConfig:
+def apply(cfg: TrainConfig, cand: Candidate, vocab: int) -> TrainConfig:
+    """`cfg` laid out as `cand`, its head loss chunked as on a GPU (a CPU's chunks are smaller)."""
     cfg = copy.deepcopy(cfg)
+    cfg.loss.chunk_tokens = chunk_tokens(cfg.loss, vocab, torch.device("cuda"))
     cfg.parallel.backend, cfg.parallel.teacher = cand.backend, cand.teacher
     cfg.parallel.activation_checkpointing = cand.activation_checkpointing
     cfg.parallel.shard_generation = cand.shard_generation
@@ -168,7 +171,7 @@ def measure(cfg: TrainConfig, hf_config, cand: Candidate, depth: int | None, fak
 
     from lrc_dist.parallel import DistInfo, TorchBackend
 
-    cfg = apply(cfg, cand)
+    cfg = apply(cfg, cand, hf_config.vocab_size)
     device, world = torch.device("cpu"), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,)) if cand.backend == "fsdp" else None  # outside the fake mode
     with FakeTensorMode() if fake else contextlib.nullcontext():

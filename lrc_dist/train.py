@@ -43,6 +43,7 @@ from lrc_dist.model import CheckpointError, teacher_fingerprint
 from lrc_dist.on_policy import materialised_student, on_policy_batch, on_policy_seeds
 from lrc_dist.sampling import Decoder
 from lrc_dist.parallel import DistInfo, build_backend, init_distributed
+from lrc_dist.resources import keep_freed_cpu_memory
 
 SPIKE_WINDOW, SPIKE_WARMUP = 50, 10  # loss-spike guard: mean over the last 50 good steps, from the 10th on
 
@@ -237,6 +238,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     when a stop signal ended it early (with a checkpoint), NonFiniteLossError when it diverged."""
     die_with_launcher()
     info = init_distributed(cfg.device)
+    if info.device.type == "cpu":
+        keep_freed_cpu_memory()
     preflight.check(cfg, info.world_size, gather=True)
     with StopSignals() as stop, lock_run_dir(cfg.checkpoint.dir, info, cfg.checkpoint.lock_stale_minutes * 60):
         return _train(cfg, info, stop)

@@ -1,5 +1,7 @@
 """The chunked head losses against direct PyTorch formulas: values and gradients."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +138,54 @@ def test_divergence_properties_and_errors():
     h_s, w_s, h_t, w_t, labels = inputs()
     with pytest.raises(ValueError, match="loss.divergence='kl2'"):
         head_losses(h_s, w_s, h_t, w_t, labels, LossConfig(divergence="kl2"))
+
+
+FAULTS = """
+import resource, sys, torch
+from lrc_dist.losses import LossConfig, head_losses
+from lrc_dist.resources import keep_freed_cpu_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_cpu_memory()
+torch.manual_seed(0)
+V, N, d = 32000, 512, 64  # the logits of 512 tokens: 64 MiB in fp32, mmapped by glibc's defaults
+h_s, w_s = torch.randn(N, d, requires_grad=True), torch.randn(V, d, requires_grad=True)
+h_t, w_t, labels = torch.randn(N, d), torch.randn(V, d), torch.randint(0, V, (N,))
+cfg = LossConfig(kl_weight=1.0, chunk_tokens=int(sys.argv[2]) if sys.argv[2] != "default" else None)
+def step():
+    head_losses(h_s, w_s, h_t, w_t, labels, cfg)[0].backward()
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[2:]))  # the steady state: after two steps of warm-up the heap may still grow now and then
+"""
+
+
+@functools.cache
+def page_faults(*args: str) -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FAULTS, *args], capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(proc.stdout.split()[-1])
+
+
+def test_on_a_cpu_freed_memory_stays_in_the_process():
+    """keep_freed_cpu_memory (the trainer and the evaluation call it on a CPU): a head-loss step
+    over 64 MiB logit chunks takes a handful of page faults, where glibc's defaults map, fault in
+    and unmap every chunk's temporaries again (~0.5 M faults per step measured)."""
+    assert page_faults("glibc", "1048") > 50_000  # the trap: one 64 MiB chunk of logits per temporary
+    assert page_faults("keep", "1048") < 5_000
+
+
+def test_cpu_chunks_stay_below_the_mmap_threshold():
+    from lrc_dist.losses import chunk_tokens
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert chunk_tokens(LossConfig(), 32000, cpu) * 32000 * 4 <= 16 << 20  # fp32 bytes of one logits chunk
+    assert chunk_tokens(LossConfig(), 32000, cuda) * 32000 * 4 >= 64 << 20  # large matmuls where blocks are cached
+    assert chunk_tokens(LossConfig(chunk_tokens=7), 32000, cpu) == 7
+    assert page_faults("glibc", "default") < 0.2 * page_faults("glibc", "1048")  # smaller chunks: fewer mmaps

@@ -158,7 +158,10 @@ def nan_on_steps(monkeypatch, bad_calls: set[int] | None):
 
 def test_nan_step_is_skipped_and_counted(one_process, tiny_job, tmp_path, monkeypatch):
     nan_on_steps(monkeypatch, {3})  # the first micro-batch of step 2 (two micro-batches per step)
+    kept = []
+    monkeypatch.setattr("lrc_dist.train.keep_freed_cpu_memory", lambda: kept.append(True))
     train(tiny_cfg(tiny_job, tmp_path))
+    assert kept == [True]  # on a CPU the trainer keeps freed memory (the allocator trap, test_losses.py)
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["skipped_steps"] for r in records] == [0, 1, 0, 0, 0, 0]
     losses = torch.tensor([r["loss"] for r in records])  # a log interval of skipped steps only has no mean
