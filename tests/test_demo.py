@@ -37,6 +37,7 @@ def test_demo_quick_preset_end_to_end(quick_demo):
     assert all(f"[{i}/6]" in again.stdout and "(reused)" in again.stdout for i in range(1, 7))
 
 
+@pytest.mark.slow  # 62 s
 def test_demo_beyond_adds_its_students_reusing_the_finished_stages(quick_demo):
     """--beyond and --on_policy on the quick demo's output: the eight LRC options beyond the paper
     and the two on-policy students train at the same budget, each with its perplexity and effective

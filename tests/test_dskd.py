@@ -272,7 +272,7 @@ def dskd_reference(tiny_job, tmp_path_factory):
     return run(tiny_job, tmp_path_factory.mktemp("dskd"), 1, "--parallel.backend=none", *DSKD_RUN)
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize("backend", ["fsdp", pytest.param("deepspeed", marks=pytest.mark.slow)])  # ZeRO: 75 s
 def test_dskd_runs_match_one_process_on_both_backends(dskd_reference, tiny_job, tmp_path, backend):
     """LRC with DSKD instead of the KL term (the paper's 0.5 CE + 0.5 L_kd): 2 ranks of FSDP2 or
     ZeRO-3 give the single-process curve, every DSKD term included, and the student exports."""

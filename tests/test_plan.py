@@ -67,16 +67,13 @@ def test_plan_predicts_the_tracked_peak_of_a_real_step(tmp_path):
             max(c["tokens_per_s_per_gpu"] for c in fitting), rel=0.01)
 
 
-def test_plan_cli_prints_json_and_a_table(tmp_path):
-    from lrc_dist.plan import report
+def test_plan_cli_prints_json_and_a_table(tmp_path, capsys):
+    from lrc_dist.plan import main, report
 
     recipe = write_job(tmp_path)
-    code, out, err = finish(start([sys.executable, "-m", "lrc_dist.plan", str(recipe), "--nodes", "1",
-                                   "--gpus-per-node", "2", "--gpu-memory-gb", "80", "--json", "--teacher", "shard",
-                                   "--shard-generation", "on", "--activation-checkpointing", "on",
-                                   "--micro-batch-sizes", "1", "2"]))
-    assert code == 0, err[-3000:]
-    result = json.loads(out)
+    main([str(recipe), "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory-gb", "80", "--json", "--teacher", "shard",
+          "--shard-generation", "on", "--activation-checkpointing", "on", "--micro-batch-sizes", "1", "2"])
+    result = json.loads(capsys.readouterr().out)
     first = result["candidates"][0]
     assert {"backend", "teacher", "activation_checkpointing", "micro_batch_size", "shard_generation", "peak_gb",
             "fits", "tokens_per_s_per_gpu"} <= set(first)
