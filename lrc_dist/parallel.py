@@ -120,12 +120,16 @@ class TorchBackend:
         loss.backward()
 
     def step(self) -> float:
+        return self.clip_and_step().item()
+
+    def clip_and_step(self) -> torch.Tensor:
+        """`step` short of reading the gradient norm's value (the planner's fake tensors have none)."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip or float("inf"), foreach=True)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
             norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.item()
+        return norm
 
     def skip_micro(self, loss: torch.Tensor) -> None:
         """A micro-batch with a non-finite loss: no backward (`skip_step` drops the step's gradients)."""

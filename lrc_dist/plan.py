@@ -43,7 +43,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -164,8 +163,8 @@ def measure(cfg: TrainConfig, hf_config, cand: Candidate, depth: int | None, fak
     """Peak bytes per category of rank 0 (or this rank, `fake=False`) in one training step of `cand`
     on the process group in place, the model cut to `depth` layers. `fake`: FakeTensorMode, else
     real (zero) tensors on the CPU: the validation run (tests/test_plan.py). The step is
-    `train.take_step`'s for one micro-batch (the backend's model call, backward, clipping, AdamW)
-    without its checks of the loss's value, which fake tensors do not have."""
+    `train.take_step`'s for one micro-batch (the backend's model call, backward, `clip_and_step`)
+    without its reads of the loss's and the norm's values, which fake tensors do not have."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -173,7 +172,7 @@ def measure(cfg: TrainConfig, hf_config, cand: Candidate, depth: int | None, fak
 
     cfg = apply(cfg, cand, hf_config.vocab_size)
     device, world = torch.device("cpu"), dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,)) if cand.backend == "fsdp" else None  # outside the fake mode
+    mesh = init_device_mesh("cpu", (world,))  # outside the fake mode
     with FakeTensorMode() if fake else contextlib.nullcontext():
         model = _model(cfg, at_depth(hf_config, depth), device)
         backend = TorchBackend(model, cfg, DistInfo(dist.get_rank(), world, 0, device, mesh))
@@ -192,9 +191,7 @@ def measure(cfg: TrainConfig, hf_config, cand: Candidate, depth: int | None, fak
             loss, _ = backend.model(input_ids=ids, labels=ids, loss_cfg=cfg.loss,
                                     normalizer=float(cand.micro_batch_size * seq * world))
             backend.backward(loss * world)
-            torch.nn.utils.clip_grad_norm_(backend.params, cfg.optim.grad_clip or float("inf"), foreach=True)
-            backend.optimizer.step()
-            backend.optimizer.zero_grad(set_to_none=True)
+            backend.clip_and_step()
         backend.close()
     snap = {str(getattr(k, "value", k)): v for k, v in tracker.get_tracker_snapshot("peak")[device].items()}
     get = lambda *names: sum(int(snap.get(n, 0)) for n in names)  # noqa: E731
@@ -303,7 +300,7 @@ def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: float,
         raise RuntimeError("lrc_dist.plan runs in a process of its own (it starts a fake process group)")
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
     started = time.perf_counter()
-    candidates, note = [], []
+    candidates = []
     try:
         for teacher, ac, sg in grid.combos(world):
             for m in sizes:
@@ -327,13 +324,13 @@ def plan(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: float,
     # overlap assumed), then the one with the most memory to spare
     best = max(fitting, key=lambda c: (round(c["tokens_per_s_per_gpu"], -1), -round(c["comm_s"], 3), -c["needs_gb"]),
                default=None)
-    note.append("deepspeed: not planned (ZeRO allocates through its own partitioning hooks, which a fake-tensor "
-                "step does not run); expect about the fsdp candidates with the teacher sharded")
+    notes = ["deepspeed: not planned (ZeRO allocates through its own partitioning hooks, which a fake-tensor step "
+             "does not run); expect about the fsdp candidates with the teacher sharded"]
     return {"world_size": world, "nodes": nodes, "gpus_per_node": gpus_per_node, "gpu_memory_gb": gpu_memory_gb,
             "teacher": source, "layers": args.num_layers, "depths_run": "full" if full_depth else list(DEPTHS),
             "assumptions": {"fragmentation": fragmentation, "reserve_gb": reserve_gb, "mfu": mfu,
                             "peak_tflops": peak_tflops, "bandwidth_gbs": bandwidth / 1e9},
-            "candidates": candidates, "recommended": best, "notes": note,
+            "candidates": candidates, "recommended": best, "notes": notes,
             "seconds": time.perf_counter() - started}
 
 
