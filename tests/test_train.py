@@ -243,6 +243,20 @@ def test_slurm_dry_run_prints_torchrun_command(recipe, tmp_path):
         "Slurm opens --output before the script runs: its directory must exist in a fresh clone"
 
 
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r != "tiny_cpu"])
+def test_a_recipe_splits_its_batch_over_its_slurm_scripts_gpus(recipe):
+    """The batch check the trainer runs at start-up (preflight), for the GPUs the job script asks
+    for: the recipes' micro-batch of 2 once failed it on every script (the planner's layouts now)."""
+    from lrc_dist.preflight import problems
+
+    header = (REPO / "slurm" / f"{recipe}.sh").read_text()
+    sbatch = dict(line[len("#SBATCH --"):].split("=", 1) for line in header.splitlines()
+                  if line.startswith("#SBATCH --") and "=" in line)
+    cfg = load_config(str(REPO / f"configs/{recipe}.yaml"))
+    world = int(sbatch["nodes"]) * int(sbatch["gpus-per-node"])
+    assert not [p for p in problems(cfg, world) if p.startswith("global_batch_size")], (recipe, world)
+
+
 def test_slurm_scripts_are_shellcheck_clean():
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     scripts = sorted(str(p) for p in (REPO / "slurm").glob("*.sh"))
