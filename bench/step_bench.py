@@ -3,6 +3,8 @@
     .venv/bin/python bench/step_bench.py                       # CPU-sized model, paper's seq 2048 x 2
     .venv/bin/python bench/step_bench.py --shape qwen7b --device cuda --dtype bfloat16 --seq 2048
     .venv/bin/python bench/step_bench.py --allocator product   # as the trainer runs: no environment variable
+    .venv/bin/python bench/step_bench.py --allocator product --split   # where each step's time goes
+    PYTHONPATH=/tmp/main .venv/bin/python bench/step_bench.py ...      # the same bench on another tree's lrc_dist
 
 Both sides train the same student shape on the same tokens with the same LM + KL head loss and
 AdamW; the LRC side additionally generates its weights (W_T @ P), computes the clone terms and
@@ -24,16 +26,18 @@ import fire
 import torch
 from transformers import AutoConfig
 
+from lrc_dist import resources
 from lrc_dist.losses import LossConfig, head_losses
 from lrc_dist.lrc import LowRankClone, LRCConfig
 from lrc_dist.metrics import lrc_flops_per_token, peak_flops
 from lrc_dist.families import ModelArgs
 from lrc_dist.model import CausalLM
-from lrc_dist.resources import keep_freed_cpu_memory
 
 # (model_type, hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied, student hidden)
 SHAPES = {
     "cpu": ("qwen2", 512, 1408, 4, 8, 2, 64, 8192, False, 256),
+    # the shape issue 17 compared with the paper's reference implementation
+    "reference": ("llama", 512, 1408, 4, 8, 2, 64, 32000, False, 256),
     "llama3b": ("llama", 3072, 8192, 28, 24, 8, 128, 128256, True, 1536),
     "qwen7b": ("qwen2", 3584, 18944, 28, 28, 4, 128, 152064, False, 2048),
 }
@@ -79,17 +83,22 @@ CPU_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 <<
 
 def main(shape: str = "cpu", batch: int = 2, seq: int = 2048, steps: int = 3, device: str = "cpu",
          dtype: str = "float32", checkpointing: bool = False, threads: int = 1, allocator: str = "bench",
-         chunk_tokens: int | None = None):
+         chunk_tokens: int | None = None, sides: str = "both", split: bool = False):
     """allocator (CPU): bench, glibc told by CPU_ALLOCATOR_ENV to keep freed memory (the bench
     re-executes itself with it); product, what the trainer does with no environment variable
-    (lrc_dist.resources.keep_freed_cpu_memory); glibc, its defaults. chunk_tokens: the head
-    loss's (loss.chunk_tokens; default: by device type)."""
+    (lrc_dist.resources.keep_freed_cpu_memory, where the imported lrc_dist has it); glibc, its
+    defaults. chunk_tokens: the head loss's (loss.chunk_tokens; default: by device type).
+    sides: both, lrc or dense (one side alone: its own peak memory). split: also time each part
+    of a step on its own (weight generation, teacher forward, head loss, optimizer; the student's
+    forward and backward with the clone terms are the rest)."""
     if allocator not in ("bench", "product", "glibc"):
         raise ValueError(f"--allocator {allocator!r}: bench, product or glibc")
+    if sides not in ("both", "lrc", "dense"):
+        raise ValueError(f"--sides {sides!r}: both, lrc or dense")
     if device == "cpu" and allocator == "bench" and any(os.environ.get(k) != v for k, v in CPU_ALLOCATOR_ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CPU_ALLOCATOR_ENV})
-    if device == "cpu" and allocator == "product":
-        keep_freed_cpu_memory()
+    if device == "cpu" and allocator == "product" and hasattr(resources, "keep_freed_cpu_memory"):
+        resources.keep_freed_cpu_memory()
     torch.set_num_threads(threads)
     dev, dt = torch.device(device), getattr(torch, dtype)
     torch.manual_seed(0)
@@ -98,64 +107,126 @@ def main(shape: str = "cpu", batch: int = 2, seq: int = 2048, steps: int = 3, de
     ids = torch.randint(0, SHAPES[shape][7], (batch, seq + 1), device=dev)
     inputs, labels = ids[:, :-1], ids[:, 1:]
 
-    teacher = random_model(shape, dtype=dt, device=dev).requires_grad_(False)
-    lrc = LowRankClone(random_model(shape, dtype=dt, device=dev), LRCConfig(d_s))
-    lrc.init_weights()
-    lrc.to(dev)
-    for block in lrc.layers:
-        block.activation_checkpointing = checkpointing
-    lrc_opt = torch.optim.AdamW([p for p in lrc.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
-    student = random_model(shape, hidden=d_s, dtype=torch.float32, device=dev)  # fp32 masters, like LRC's
-    dense_opt = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=0.0)
+    teacher = random_model(shape, dtype=dt, device=dev).requires_grad_(False) if sides != "lrc" or split else None
+    tokens = batch * seq
+    steppers, optimizers = {}, {}
+    if sides != "dense":
+        lrc = LowRankClone(random_model(shape, dtype=dt, device=dev), LRCConfig(d_s))
+        lrc.init_weights()
+        lrc.to(dev)
+        for block in lrc.layers:
+            block.activation_checkpointing = checkpointing
+        optimizers["LRC"] = torch.optim.AdamW([p for p in lrc.parameters() if p.requires_grad], lr=1e-5,
+                                              weight_decay=0.0)
 
-    def lrc_step():
-        with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
-            loss, _ = lrc(inputs, labels, loss_cfg)
-        loss.backward()
-        lrc_opt.step()
-        lrc_opt.zero_grad(set_to_none=True)
+        def lrc_forward():
+            with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
+                return lrc(inputs, labels, loss_cfg)[0]
 
-    def dense_step():
-        with torch.no_grad():
-            h_t = teacher.hidden_states(inputs)
-        with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
-            h_s = student.hidden_states(inputs)
-            loss, _, _ = head_losses(h_s.flatten(0, 1), student.lm_head_weight, h_t.flatten(0, 1),
-                                     teacher.lm_head_weight, labels.flatten(), loss_cfg)
-        loss.backward()
-        dense_opt.step()
-        dense_opt.zero_grad(set_to_none=True)
+        steppers["LRC"] = lrc_forward
+    if sides != "lrc":
+        student = random_model(shape, hidden=d_s, dtype=torch.float32, device=dev)  # fp32 masters, like LRC's
+        optimizers["dense"] = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=0.0)
+
+        def dense_forward():
+            with torch.no_grad():
+                h_t = teacher.hidden_states(inputs)
+            with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
+                h_s = student.hidden_states(inputs)
+                return head_losses(h_s.flatten(0, 1), student.lm_head_weight, h_t.flatten(0, 1),
+                                   teacher.lm_head_weight, labels.flatten(), loss_cfg)[0]
+
+        steppers["dense"] = dense_forward
+
+    def train_step(side):
+        def step():
+            steppers[side]().backward()
+            optimizers[side].step()
+            optimizers[side].zero_grad(set_to_none=True)
+        return step
 
     for _ in range(2):  # warm-up: allocator, kernels, optimizer state
-        lrc_step()
-        dense_step()
-    lrc_times, dense_times = [], []
-    for _ in range(steps):
-        lrc_times.append(timed(lrc_step, dev))
-        dense_times.append(timed(dense_step, dev))
+        for side in steppers:
+            train_step(side)()
+    times = {side: [] for side in steppers}
+    for _ in range(steps):  # interleaved
+        for side in steppers:
+            times[side].append(timed(train_step(side), dev))
     # CPU: this thread's CPU time (exact only with threads=1); GPU: wall time, synchronised.
     clock = 1 if dev.type == "cpu" and threads == 1 else 0
-    t_lrc = statistics.median(t[clock] for t in lrc_times)
-    t_dense = statistics.median(t[clock] for t in dense_times)
-    wall = statistics.median(t[0] for t in lrc_times) / statistics.median(t[0] for t in dense_times)
-    faults = max(t[2] for t in lrc_times), max(t[2] for t in dense_times)
-    tokens = batch * seq
+    median = {side: statistics.median(t[clock] for t in ts) for side, ts in times.items()}
     print(f"shape={shape} d_S={d_s} batch={batch} seq={seq} device={device} dtype={dtype} "
           f"threads={torch.get_num_threads()} checkpointing={checkpointing} allocator={allocator} "
-          f"chunk_tokens={chunk_tokens or 'default'}")
-    print(f"LRC step   {t_lrc * 1e3:9.1f} ms  {tokens / t_lrc:10.0f} tokens/s")
-    print(f"dense step {t_dense * 1e3:9.1f} ms  {tokens / t_dense:10.0f} tokens/s  (teacher fwd + student train)")
-    print(f"ratio LRC/dense = {t_lrc / t_dense:.3f}  (target <= 1.10; {'thread CPU' if clock else 'wall'} time; "
-          f"wall-time ratio {wall:.3f})")
+          f"chunk_tokens={chunk_tokens or 'default'} sides={sides}")
+    for side, t in median.items():
+        what = "  (teacher fwd + student train)" if side == "dense" else ""
+        print(f"{side + ' step':10s} {t * 1e3:9.1f} ms  {tokens / t:10.0f} tokens/s{what}")
+    if len(median) == 2:
+        wall = statistics.median(t[0] for t in times["LRC"]) / statistics.median(t[0] for t in times["dense"])
+        print(f"ratio LRC/dense = {median['LRC'] / median['dense']:.3f}  (target <= 1.10; "
+              f"{'thread CPU' if clock else 'wall'} time; wall-time ratio {wall:.3f})")
     if dev.type == "cpu":
-        print(f"page faults per step, at most: LRC {faults[0]}, dense {faults[1]}")
-        print(f"peak resident memory of the process (both sides): "
+        faults = ", ".join(f"{side} {max(t[2] for t in ts)}" for side, ts in times.items())
+        print(f"page faults per step, at most: {faults}")
+        print(f"peak resident memory of the process ({sides}): "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    elif dev.type == "cuda":
+        print(f"peak allocated memory ({sides}): {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    if split:
+        for side in steppers:
+            print_split(side, median[side], split_parts(side, locals()), steps, dev, clock)
     peak = peak_flops(dev, None)
-    if peak:
+    if peak and "LRC" in median:
         flops = lrc_flops_per_token(lrc.teacher_args, d_s, seq, tokens)
-        print(f"MFU (LRC) = {tokens / t_lrc * flops / peak:.3f}")
-    return t_lrc / t_dense
+        print(f"MFU (LRC) = {tokens / median['LRC'] * flops / peak:.3f}")
+    return median["LRC"] / median["dense"] if len(median) == 2 else median[sides if sides == "dense" else "LRC"]
+
+
+def split_parts(side: str, env: dict) -> dict:
+    """The parts of a step of `side` that run on their own, each a callable: the head loss on
+    random final states of the right shapes, forward and backward; the teacher's forward; for
+    LRC, every generated weight (W_T @ P, the head's included) forward and backward; the
+    optimizer's step on the gradients of one backward."""
+    teacher, inputs, labels, loss_cfg, dev = env["teacher"], env["inputs"], env["labels"], env["loss_cfg"], env["dev"]
+    opt, model = env["optimizers"][side], env["lrc"] if side == "LRC" else env["student"]
+    d_t, d_s, n = teacher.args.hidden_size, env["d_s"], inputs.numel()
+    h_s = torch.randn(n, d_s, device=dev, dtype=teacher.lm_head_weight.dtype, requires_grad=True)
+    h_t = torch.randn(n, d_t, device=dev, dtype=teacher.lm_head_weight.dtype)
+    w_s = torch.randn(teacher.lm_head_weight.shape[0], d_s, device=dev, requires_grad=True)
+    parts = {}
+
+    def head():
+        head_losses(h_s, w_s.to(h_s.dtype), h_t, teacher.lm_head_weight, labels.flatten(), loss_cfg)[0].backward()
+
+    def teacher_forward():
+        with torch.no_grad():
+            teacher.hidden_states(inputs)
+
+    parts["teacher forward"] = teacher_forward
+    if side == "LRC":
+        def generation():
+            generated = [w for block in model.layers for w in block.student_weights().values() if w.requires_grad]
+            generated.append(model.student_head_weight())
+            torch.autograd.backward(generated, [torch.ones_like(w) for w in generated])
+        parts["weight generation"] = generation
+    parts["head loss"] = head
+
+    def optimizer():
+        opt.step()
+    env["steppers"][side]().backward()  # gradients for the optimizer to step on
+    parts["optimizer"] = optimizer
+    return parts
+
+
+def print_split(side: str, total: float, parts: dict, steps: int, dev, clock: int) -> None:
+    spent = {}
+    for name, fn in parts.items():
+        fn()  # warm-up
+        spent[name] = statistics.median(timed(fn, dev)[clock] for _ in range(steps))
+    rest = "student forward/backward + clone terms" if side == "LRC" else "student forward/backward"
+    spent[rest] = total - sum(spent.values())
+    print(f"{side} step split ({total * 1e3:.0f} ms): " +
+          ", ".join(f"{name} {t * 1e3:.0f} ms ({t / total:.0%})" for name, t in spent.items()))
 
 
 if __name__ == "__main__":

@@ -30,11 +30,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrc_dist.divergences import divergence_fn
-from lrc_dist.losses import LossConfig, chunk_tokens
+from lrc_dist.divergences import divergence_grad_fn
+from lrc_dist.losses import EAGER_KERNELS, LossConfig, chunk_tokens, kernel
 
 _RCOND = 1e-6  # singular values of a head below this fraction of its largest one count as zero
 _GRAM_ROWS = 4096  # vocabulary rows per block of the float64 Gram products
@@ -86,49 +85,77 @@ class DualSpaceProjector(nn.Module):
         return dskd_losses(h_s, w_s, h_t, w_t, valid, self, cfg, normalizer)
 
 
-def _chunk_terms(h_s, w_s, s2t, t2s, h_t, w_t, valid, *, divergence, temperature, mask) -> Tensor:
-    """Sums over one chunk of tokens of (L_kd_stu, L_ce_t2s, L_kd_tea, agreement), fp32."""
+def _chunk_terms(h_s, w_s, s2t, t2s, h_t, w_t, valid, *, divergence_grad, temperature, mask, scale):
+    """One chunk of tokens: the sums of (L_kd_stu, L_ce_t2s, L_kd_tea, agreement) in fp32, and the
+    gradients of scale * (L_kd_stu + L_ce_t2s + L_kd_tea) with respect to the logits of its three
+    decodings: (sums, dz_s, dz_t2s, dz_s2t). Closed forms, as `losses.head_chunk`: dD/ds of
+    `divergences.GRADIENTS` (s = z / T), softmax - onehot for the cross-entropy."""
+    valid = valid.unsqueeze(1)
     z_t = (h_t @ w_t.T).float()
-    target = z_t.argmax(-1)
-    # the student head is detached here so that L_ce_t2s trains the projector only
-    z_t2s = ((h_t.to(t2s.dtype) @ t2s).to(w_s.dtype) @ w_s.detach().T).float()
-    ce_t2s = F.cross_entropy(z_t2s, target, reduction="none")
-    agree = (z_t2s.argmax(-1) == target).float()
+    target = z_t.argmax(-1, keepdim=True)
+    # the student head is used detached here (dz_t2s reaches t2s only): L_ce_t2s trains the projector only
+    z_t2s = ((h_t.to(t2s.dtype) @ t2s).to(w_s.dtype) @ w_s.T).float()
+    agree = (z_t2s.argmax(-1, keepdim=True) == target).float()
     z_s = (h_s @ w_s.T).float()
-    kd_stu = divergence(F.log_softmax(z_s / temperature, -1), F.log_softmax(z_t2s.detach() / temperature, -1))
-    if mask:  # a projection that loses the teacher's prediction is no target worth following
-        kd_stu = kd_stu * agree
+    kd_stu, dz_s = divergence_grad(torch.log_softmax(z_s.div_(temperature), 1),
+                                   torch.log_softmax(z_t2s / temperature, 1))
+    del z_s
+    stu_rows = valid * agree if mask else valid  # a projection that loses the teacher's prediction is no target
+    dz_s.mul_((scale / temperature) * stu_rows)
+    lse = torch.logsumexp(z_t2s, 1, keepdim=True)
+    ce_t2s = lse - z_t2s.gather(1, target)
+    dz_t2s = z_t2s.sub_(lse).exp_().mul_(scale * valid)
+    dz_t2s.scatter_add_(1, target, -scale * valid)
     z_s2t = ((h_s.to(s2t.dtype) @ s2t).to(w_t.dtype) @ w_t.T).float()
-    kd_tea = divergence(F.log_softmax(z_s2t / temperature, -1), F.log_softmax(z_t / temperature, -1))
-    return torch.stack([(term * valid).sum() for term in (kd_stu, ce_t2s, kd_tea, agree)])
+    kd_tea, dz_s2t = divergence_grad(torch.log_softmax(z_s2t.div_(temperature), 1),
+                                     torch.log_softmax(z_t.div_(temperature), 1))
+    del z_s2t, z_t
+    dz_s2t.mul_((scale / temperature) * valid)
+    sums = torch.stack([(kd_stu.unsqueeze(1) * stu_rows).sum(), (ce_t2s * valid).sum(),
+                        (kd_tea.unsqueeze(1) * valid).sum(), (agree * valid).sum()])
+    return sums, dz_s, dz_t2s, dz_s2t
+
+
+EAGER_KERNELS["dskd"] = _chunk_terms  # compiled after losses.compile_kernels
 
 
 class _DualSpaceLosses(torch.autograd.Function):
     """(L_kd / normalizer, per-term sums) over chunks of tokens, as `losses._HeadLosses` does it.
 
-    Each chunk gets a small autograd pass of its own, whose gradients with respect to h_s, w_s, s2t
-    and t2s are accumulated in fp32 at once: only one chunk's [chunk x V] logits (four of them, and
-    their softmax intermediates) are alive at a time, and backward only scales the stored gradients
-    (no recomputation, no accumulation over chunks in bf16).
+    Each chunk's values and logit gradients come from `_chunk_terms` in one pass; they are turned at
+    once into the gradients of h_s, w_s, s2t and t2s, accumulated in fp32: only one chunk's
+    [chunk x V] logits (four of them, and a few temporaries) are alive at a time, and backward only
+    scales the stored gradients (no recomputation, no accumulation over chunks in bf16).
     """
 
     @staticmethod
     def forward(ctx, h_s, w_s, s2t, t2s, h_t, w_t, valid, terms, normalizer, chunk, grad_enabled):
-        need = [n and grad_enabled for n in ctx.needs_input_grad[:4]]  # none under no_grad (evaluation)
-        grads = [torch.zeros_like(x, dtype=torch.float32) if n else None for x, n in zip((h_s, w_s, s2t, t2s), need)]
+        need_h, need_w, need_s2t, need_t2s = (n and grad_enabled for n in ctx.needs_input_grad[:4])  # none under no_grad
+        grads = [torch.zeros_like(x, dtype=torch.float32) if n else None
+                 for x, n in zip((h_s, w_s, s2t, t2s), (need_h, need_w, need_s2t, need_t2s))]
+        grad_h, grad_w, grad_s2t, grad_t2s = grads
         sums = torch.zeros(4, dtype=torch.float32, device=h_s.device)
         for start in range(0, h_s.shape[0], chunk):
             rows = slice(start, start + chunk)
-            with torch.enable_grad():
-                leaves = [x.detach().requires_grad_(n) for x, n in zip((h_s[rows], w_s, s2t, t2s), need)]
-                chunk_sums = terms(*leaves, h_t[rows], w_t, valid[rows])
-                wanted = [i for i, n in enumerate(need) if n]
-                loss = chunk_sums[:3].sum() / normalizer
-                chunk_grads = torch.autograd.grad(loss, [leaves[i] for i in wanted]) if wanted else ()
-            sums += chunk_sums.detach()
-            for i, g in zip(wanted, chunk_grads):
-                # h_s has a gradient per token (this chunk's rows); the matrices sum theirs over chunks
-                (grads[i][rows] if i == 0 else grads[i]).add_(g)
+            hs, ht = h_s[rows], h_t[rows]
+            chunk_sums, dz_s, dz_t2s, dz_s2t = terms(hs, w_s, s2t, t2s, ht, w_t, valid[rows], scale=1.0 / normalizer)
+            sums += chunk_sums
+            # z_s = h_s w_s^T
+            if need_h:
+                grad_h[rows] += dz_s.to(w_s.dtype) @ w_s
+            if need_w:
+                grad_w += dz_s.T.to(hs.dtype) @ hs
+            # z_t2s = (h_t t2s) w_s^T, w_s detached
+            if need_t2s:
+                du = (dz_t2s.to(w_s.dtype) @ w_s).to(t2s.dtype)
+                grad_t2s += ht.to(t2s.dtype).T @ du
+            # z_s2t = (h_s s2t) w_t^T
+            if need_h or need_s2t:
+                dv = (dz_s2t.to(w_t.dtype) @ w_t).to(s2t.dtype)
+                if need_h:
+                    grad_h[rows] += dv @ s2t.T
+                if need_s2t:
+                    grad_s2t += hs.to(s2t.dtype).T @ dv
         ctx.save_for_backward(*grads)
         ctx.dtypes = [x.dtype for x in (h_s, w_s, s2t, t2s)]
         ctx.mark_non_differentiable(sums)
@@ -168,8 +195,8 @@ def dskd_losses(
     if normalizer is None:
         normalizer = max(float(n_valid), 1.0)
     chunk = chunk_tokens(cfg, w_s.shape[0], h_s.device)
-    terms = functools.partial(_chunk_terms, temperature=cfg.dskd_temperature, mask=cfg.dskd_mask,
-                              divergence=divergence_fn(cfg.dskd_divergence, cfg.skew, field="dskd_divergence"))
+    terms = functools.partial(kernel("dskd"), temperature=cfg.dskd_temperature, mask=cfg.dskd_mask,
+                              divergence_grad=divergence_grad_fn(cfg.dskd_divergence, cfg.skew, field="dskd_divergence"))
     s2t = projector.s2t(w_s, w_t)  # once per call; autograd takes its gradient on to w_s
     total, sums = _DualSpaceLosses.apply(h_s, w_s, s2t, projector.t2s, h_t.detach(), w_t.detach(), valid, terms,
                                          float(normalizer), chunk, torch.is_grad_enabled())

@@ -16,14 +16,14 @@ then only scales the stored gradients.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from lrc_dist.divergences import Divergence, divergence_fn
+from lrc_dist.divergences import Divergence, divergence_grad_fn
 
 IGNORE_INDEX = -100
 # Logits per chunk of the head losses, by device type. On a GPU, large chunks keep the matmuls large,
@@ -80,42 +80,93 @@ class LossConfig:
     """nucleus sampling of the generated tokens: the most likely tokens reaching this mass"""
 
 
+def head_chunk(z: Tensor, z_t: Tensor | None, y_lm: Tensor, valid: Tensor, divergence_grad, temperature: float,
+               lm_weight: float, kd_weight: float, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk of the head losses, forward and backward in one pass: (LM sum, D sum, d(loss)/dz).
+
+    z [c, V] are the student's fp32 logits, z_t the teacher's (None: no D term); both are
+    overwritten (d(loss)/dz is returned in z's storage). loss = scale * (lm_weight * LM +
+    kd_weight * D), LM summed over the rows labelled in `y_lm`, D over the rows of `valid` (0/1).
+    The gradients are closed forms (dLM/dz = softmax(z) - onehot(y), dD/ds of
+    `divergences.GRADIENTS`, s = z / T): no autograd graph, no stored softmax; a few [c, V]
+    temporaries at most.
+    """
+    lm_rows = (y_lm != IGNORE_INDEX).to(z.dtype).unsqueeze(1)
+    target = y_lm.clamp(min=0).unsqueeze(1)
+    lse = torch.logsumexp(z, 1, keepdim=True)
+    lm = ((lse - z.gather(1, target)) * lm_rows).sum()
+    kd = z.new_zeros(())
+    kd_grad = None
+    if z_t is not None:
+        logq = torch.log_softmax(z / temperature, 1)
+        logp = torch.log_softmax(z_t.div_(temperature), 1)
+        del z_t
+        kd_rows, kd_grad = divergence_grad(logq, logp)
+        del logq, logp
+        kd = (kd_rows * valid).sum()
+    lm_scale = (scale * lm_weight) * lm_rows
+    dz = z.sub_(lse).exp_().mul_(lm_scale)  # softmax(z) - onehot(y), weighted
+    dz.scatter_add_(1, target, -lm_scale)
+    if kd_grad is not None:
+        dz.add_(kd_grad.mul_((scale * kd_weight / temperature) * valid.unsqueeze(1)))
+    return lm, kd, dz
+
+
+# The per-chunk kernels of the losses, by name: head_chunk here, dskd.py's its own. `compile_kernels`
+# makes `kernel` return torch.compile'd ones (`parallel.compile`): on a GPU every element-wise pass
+# of eager PyTorch is a kernel launch and a round trip through memory, which a compiled kernel fuses.
+EAGER_KERNELS: dict[str, Callable] = {"head": head_chunk}
+_compiled_kernels: dict[str, Callable] | None = None  # None: eager
+
+
+def compile_kernels(enabled: bool = True) -> None:
+    """From now on `kernel` gives torch.compile'd kernels (enabled) or the eager ones, in this process."""
+    global _compiled_kernels
+    if not enabled:
+        _compiled_kernels = None
+    elif _compiled_kernels is None:
+        _compiled_kernels = {}
+
+
+def kernel(name: str) -> Callable:
+    """The per-chunk kernel `name` of EAGER_KERNELS, compiled on first use after `compile_kernels`."""
+    fn = EAGER_KERNELS[name]
+    if _compiled_kernels is None:
+        return fn
+    if name not in _compiled_kernels:
+        _compiled_kernels[name] = torch.compile(fn)
+    return _compiled_kernels[name]
+
+
 class _HeadLosses(torch.autograd.Function):
     """(lm_weight * LM + kd_weight * D, LM, D) from hidden states and head weights, chunked over tokens.
 
-    Each chunk's fp32 logits get a small autograd pass of their own: it yields d(loss)/d(logits),
-    turned at once into the gradients of h_s and w_s, so that only one chunk of logits (and its
-    softmax intermediates) is alive at a time, in forward and backward alike.
+    Each chunk's fp32 logits go through `head_chunk` (values and d(loss)/d(logits) in one pass),
+    turned at once into the gradients of h_s and w_s, so that only one chunk of logits (and a few
+    temporaries of its size) is alive at a time, in forward and backward alike.
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, labels, divergence, temperature, lm_weight, kd_weight, normalizer, chunk,
-                lm_labels):
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, divergence_grad, temperature, lm_weight, kd_weight, normalizer,
+                chunk, lm_labels):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(h_s) if need_h else None
         grad_w = torch.zeros_like(w_s, dtype=torch.float32) if need_w else None
         lm_sum = h_s.new_zeros((), dtype=torch.float32)
         kd_sum = lm_sum.clone()
         use_kd = kd_weight != 0.0 and h_t is not None
+        head = kernel("head")
         for start in range(0, h_s.shape[0], chunk):
-            hs = h_s[start : start + chunk]
-            y = labels[start : start + chunk]
-            valid = (y != IGNORE_INDEX).float()
-            y_lm = y if lm_labels is None else lm_labels[start : start + chunk]
-            z = (hs @ w_s.T).float().requires_grad_(True)
-            with torch.enable_grad():
-                logp = torch.log_softmax(z, dim=-1)
-                lm = -(logp.gather(1, y_lm.clamp(min=0).unsqueeze(1)).squeeze(1) * (y_lm != IGNORE_INDEX)).sum()
-                loss = lm_weight * lm
-                if use_kd:
-                    logp_t = torch.log_softmax((h_t[start : start + chunk] @ w_t.T).float() / temperature, dim=-1)
-                    kd = (divergence(torch.log_softmax(z / temperature, dim=-1), logp_t) * valid).sum()
-                    loss = loss + kd_weight * kd
-                    kd_sum += kd.detach()
-                (dz,) = torch.autograd.grad(loss / normalizer, z)
-            lm_sum += lm.detach()
+            rows = slice(start, start + chunk)
+            hs, y = h_s[rows], labels[rows]
+            z = (hs @ w_s.T).float()
+            z_t = (h_t[rows] @ w_t.T).float() if use_kd else None
+            lm, kd, dz = head(z, z_t, y if lm_labels is None else lm_labels[rows], (y != IGNORE_INDEX).float(),
+                                    divergence_grad, temperature, lm_weight, kd_weight, 1.0 / normalizer)
+            lm_sum += lm
+            kd_sum += kd
             if need_h:
-                grad_h[start : start + chunk] = (dz.to(w_s.dtype) @ w_s).to(h_s.dtype)
+                grad_h[rows] = (dz.to(w_s.dtype) @ w_s).to(h_s.dtype)
             if need_w:  # matmul in the input dtype (tensor cores), accumulation over chunks in fp32
                 grad_w += dz.T.to(hs.dtype) @ hs
         ctx.save_for_backward(grad_h, grad_w)
@@ -156,8 +207,8 @@ def head_losses(
         normalizer = max(int((labels != IGNORE_INDEX).sum()), 1)
     chunk = chunk_tokens(cfg, w_s.shape[0], h_s.device)
     kl_weight = cfg.kl_weight if h_t is not None else 0.0
-    divergence = divergence_fn(cfg.divergence, cfg.skew)
-    return _HeadLosses.apply(h_s, w_s, h_t, w_t, labels, divergence, cfg.temperature, cfg.lm_weight,
+    divergence_grad = divergence_grad_fn(cfg.divergence, cfg.skew)
+    return _HeadLosses.apply(h_s, w_s, h_t, w_t, labels, divergence_grad, cfg.temperature, cfg.lm_weight,
                              kl_weight, float(normalizer), chunk, lm_labels)
 
 

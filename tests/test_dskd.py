@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import assert_same_curve, rel_err
 from export_reference import assert_export_as_from_disk
 from lrc_dist.dskd import DualSpaceProjector, dskd_losses
-from lrc_dist.divergences import DIVERGENCES
+from lrc_dist.divergences import DIVERGENCES, GRADIENTS
 from lrc_dist.losses import LossConfig
 from test_losses import direct_divergence
 
@@ -186,9 +186,10 @@ def test_bf16_inputs_give_finite_fp32_losses(monkeypatch):
 
     def spy(logq, logp):
         seen.update((logq.dtype, logp.dtype))
-        return DIVERGENCES["forward_kl"](logq, logp)
+        return GRADIENTS["forward_kl"](logq, logp)
 
-    monkeypatch.setitem(DIVERGENCES, "spy", spy)
+    monkeypatch.setitem(DIVERGENCES, "spy", DIVERGENCES["forward_kl"])
+    monkeypatch.setitem(GRADIENTS, "spy", spy)
     cfg = LossConfig(dskd_weight=1.0, chunk_tokens=16, dskd_divergence="spy")
     # large hidden states: logits of several hundreds, whose softmax overflows in half precision
     low = [(10 * t).detach().bfloat16().requires_grad_(True) for t in (h_s, w_s)]
