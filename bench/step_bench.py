@@ -83,14 +83,16 @@ CPU_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 <<
 
 def main(shape: str = "cpu", batch: int = 2, seq: int = 2048, steps: int = 3, device: str = "cpu",
          dtype: str = "float32", checkpointing: bool = False, threads: int = 1, allocator: str = "bench",
-         chunk_tokens: int | None = None, sides: str = "both", split: bool = False):
+         chunk_tokens: int | None = None, sides: str = "both", split: bool = False, compile: bool = False):
     """allocator (CPU): bench, glibc told by CPU_ALLOCATOR_ENV to keep freed memory (the bench
     re-executes itself with it); product, what the trainer does with no environment variable
     (lrc_dist.resources.keep_freed_cpu_memory, where the imported lrc_dist has it); glibc, its
     defaults. chunk_tokens: the head loss's (loss.chunk_tokens; default: by device type).
     sides: both, lrc or dense (one side alone: its own peak memory). split: also time each part
     of a step on its own (weight generation, teacher forward, head loss, optimizer; the student's
-    forward and backward with the clone terms are the rest)."""
+    forward and backward with the clone terms are the rest). compile: parallel.compile on both
+    sides (each LRC block's, each teacher and dense student layer's forward, the head kernels);
+    the warm-up steps compile."""
     if allocator not in ("bench", "product", "glibc"):
         raise ValueError(f"--allocator {allocator!r}: bench, product or glibc")
     if sides not in ("both", "lrc", "dense"):
@@ -110,12 +112,22 @@ def main(shape: str = "cpu", batch: int = 2, seq: int = 2048, steps: int = 3, de
     teacher = random_model(shape, dtype=dt, device=dev).requires_grad_(False) if sides != "lrc" or split else None
     tokens = batch * seq
     steppers, optimizers = {}, {}
+    if compile:
+        from lrc_dist.losses import compile_kernels
+        compile_kernels()
+
+    def compiled(units):
+        for unit in units if compile else ():
+            unit.forward = torch.compile(unit.forward)
+
+    compiled(teacher.model.layers if teacher is not None else ())
     if sides != "dense":
         lrc = LowRankClone(random_model(shape, dtype=dt, device=dev), LRCConfig(d_s))
         lrc.init_weights()
         lrc.to(dev)
         for block in lrc.layers:
             block.activation_checkpointing = checkpointing
+        compiled(lrc.layers)
         optimizers["LRC"] = torch.optim.AdamW([p for p in lrc.parameters() if p.requires_grad], lr=1e-5,
                                               weight_decay=0.0)
 
@@ -126,6 +138,7 @@ def main(shape: str = "cpu", batch: int = 2, seq: int = 2048, steps: int = 3, de
         steppers["LRC"] = lrc_forward
     if sides != "lrc":
         student = random_model(shape, hidden=d_s, dtype=torch.float32, device=dev)  # fp32 masters, like LRC's
+        compiled(student.model.layers)
         optimizers["dense"] = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=0.0)
 
         def dense_forward():
@@ -157,7 +170,7 @@ def main(shape: str = "cpu", batch: int = 2, seq: int = 2048, steps: int = 3, de
     median = {side: statistics.median(t[clock] for t in ts) for side, ts in times.items()}
     print(f"shape={shape} d_S={d_s} batch={batch} seq={seq} device={device} dtype={dtype} "
           f"threads={torch.get_num_threads()} checkpointing={checkpointing} allocator={allocator} "
-          f"chunk_tokens={chunk_tokens or 'default'} sides={sides}")
+          f"chunk_tokens={chunk_tokens or 'default'} sides={sides} compile={compile}")
     for side, t in median.items():
         what = "  (teacher fwd + student train)" if side == "dense" else ""
         print(f"{side + ' step':10s} {t * 1e3:9.1f} ms  {tokens / t:10.0f} tokens/s{what}")

@@ -137,6 +137,9 @@ class ParallelConfig:
     shard_generation: bool = False
     """LRC on several ranks: each rank generates 1/world of every W_T @ P and the ranks all-gather
     the result; pays when the all-gathers cost less than the matmuls saved (bench/RESULTS.md)"""
+    compile: bool = False
+    """torch.compile each block (LRC) or layer (KD) once activation checkpointing is set, before
+    FSDP2 shards it (torchtitan's order); the first step compiles (tens of seconds per block shape)"""
     deepspeed_config: str = "ds_configs/zero3.json"
     """deepspeed: the ZeRO JSON config (ds_configs/: zero3, zero2, zero3_offload)"""
     param_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -369,7 +372,7 @@ def to_dict(cfg) -> dict:
 # computation is laid out on the devices (the curve is the same to rounding).
 RESUME_MAY_CHANGE = ("steps", "stop_at", "max_bad_steps", "loss_spike_factor", "device", "micro_batch_size",
                      "log", "checkpoint", "data.verify", "parallel.activation_checkpointing", "parallel.teacher",
-                     "parallel.shard_generation", "parallel.param_dtype", "parallel.reduce_dtype")
+                     "parallel.shard_generation", "parallel.param_dtype", "parallel.reduce_dtype", "parallel.compile")
 DCP_BACKENDS = ("fsdp", "none")  # one checkpoint format: either resumes the other
 
 

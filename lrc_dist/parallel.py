@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from lrc_dist.build import dtype_of
 from lrc_dist.config import TrainConfig
 from lrc_dist.interface import DistillationModel
+from lrc_dist.losses import compile_kernels
 from lrc_dist.resources import shipped
 
 
@@ -98,6 +99,7 @@ class TorchBackend:
     def __init__(self, model: DistillationModel, cfg: TrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
         model.set_activation_checkpointing(cfg.parallel.activation_checkpointing)
+        maybe_compile(model, cfg)
         if any(t.device != info.device for t in (*model.parameters(), *model.buffers())):
             model.to(info.device)  # (a no-op .to would still swap every tensor: the planner's fakes refuse)
         self.placement = "one process, nothing sharded"  # for the start-up summary
@@ -197,6 +199,19 @@ def sharded_matmul(x: torch.Tensor, p: torch.Tensor, group: dist.ProcessGroup) -
     return full if full.shape[0] == x.shape[0] else full[: x.shape[0]]
 
 
+def maybe_compile(model: DistillationModel, cfg: TrainConfig) -> None:
+    """`parallel.compile`: each shard unit's forward (an LRC block, a KD layer) becomes a
+    torch.compile'd function, in place, and so do the head losses' kernels (losses.compile_kernels). Called once activation checkpointing is set (the block's
+    own checkpoint call is traced with it) and before fully_shard, as torchtitan orders them.
+    Compiling the forward rather than wrapping the module keeps the parameter names (checkpoints,
+    exports) and leaves FSDP2's and ZeRO's module hooks outside the compiled code."""
+    if cfg.parallel.compile:
+        compile_kernels()  # the head losses' per-chunk kernels too
+        for unit in model.shard_units():
+            if "forward" not in vars(unit):  # not compiled yet (the dense phase builds its backend again)
+                unit.forward = torch.compile(unit.forward)
+
+
 def maybe_shard_generation(model: DistillationModel, cfg: TrainConfig, info: DistInfo) -> dist.ProcessGroup | None:
     """`parallel.shard_generation`: the ranks share out LRC's weight generation, on a process group
     of their own (every rank creates it, in the same order); returns it. Not in LRC's dense
@@ -247,6 +262,7 @@ class DeepSpeedBackend:
         ds_config = deepspeed_config(cfg, grad_accum)
         self.placement = f"ZeRO stage {ds_config['zero_optimization'].get('stage', 0)}"
         model.set_activation_checkpointing(cfg.parallel.activation_checkpointing)
+        maybe_compile(model, cfg)
         if ds_config["zero_optimization"].get("stage", 0) == 3:
             # Gather a whole block at once: its forward reads the weights of child modules directly
             # (LRC: W_T @ P), which ZeRO-3's per-module hooks would otherwise never fetch.

@@ -149,9 +149,11 @@ def _model(cfg: TrainConfig, hf_config, device: torch.device) -> LowRankClone:
 
 
 def apply(cfg: TrainConfig, cand: Candidate, vocab: int) -> TrainConfig:
-    """`cfg` laid out as `cand`, its head loss chunked as on a GPU (a CPU's chunks are smaller)."""
+    """`cfg` laid out as `cand`, its head loss chunked as on a GPU (a CPU's chunks are smaller), run
+    eagerly (`parallel.compile` is planned as the eager blocks' memory; not measured compiled)."""
     cfg = copy.deepcopy(cfg)
     cfg.loss.chunk_tokens = chunk_tokens(cfg.loss, vocab, torch.device("cuda"))
+    cfg.parallel.compile = False
     cfg.parallel.backend, cfg.parallel.teacher = cand.backend, cand.teacher
     cfg.parallel.activation_checkpointing = cand.activation_checkpointing
     cfg.parallel.shard_generation = cand.shard_generation
