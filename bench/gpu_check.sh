@@ -9,7 +9,8 @@
 #   - the LRC step through FSDP2: tokens/s, MFU, peak memory (max_memory_allocated) next to the
 #     planner's prediction for the same config (python -m lrc_dist.plan);
 #   - the same step through DeepSpeed ZeRO-3 (ds_configs/zero3.json);
-#   - bench/step_bench.py: the LRC step against teacher forward + dense student step (the ratio).
+#   - bench/step_bench.py: the LRC step against teacher forward + dense student step (the ratio),
+#     and (CUDA only) the same for the first shape with parallel.compile on both sides.
 # Figures go to $OUT (default runs/gpu_check): one JSON per step, step_bench's text, and
 # summary.md, printed at the end. Record them in bench/RESULTS.md.
 set -euo pipefail
@@ -48,6 +49,11 @@ for shape in "${shapes[@]}"; do
     "$python" bench/step_bench.py --shape "${bench_shape:-$shape}" --device "$device" --dtype "$bench_dtype" \
         --seq "$seq" --batch 1 --steps 3 | tee "$out/dense_${shape}.txt"
 done
+if [ "$tiny" = 0 ]; then
+    echo "== ${shapes[0]}, the same compiled (parallel.compile: blocks, layers, head kernels)"
+    "$python" bench/step_bench.py --shape "${shapes[0]}" --device "$device" --dtype "$bench_dtype" \
+        --seq "$seq" --batch 1 --steps 3 --compile --split | tee "$out/dense_${shapes[0]}_compiled.txt"
+fi
 "$python" - "$out" "$(( $(date +%s) - started ))" <<'PY'
 import json, sys
 from pathlib import Path

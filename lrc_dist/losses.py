@@ -11,7 +11,9 @@ The LM and KL terms need the logits of both models, [tokens x vocab] each: 2 x 1
 20 GB for one Qwen micro-batch. `head_losses` never holds them: it walks the tokens in chunks,
 computes both terms in fp32 and, in the same pass, the gradient with respect to the student's
 hidden states and head weight (the fused linear-cross-entropy approach of Liger-Kernel). Backward
-then only scales the stored gradients.
+then only scales the stored gradients. Per chunk, `head_chunk` takes the gradient of the logits in
+closed form (softmax - onehot; `divergences.GRADIENTS`), with no autograd graph; with
+`parallel.compile` it runs compiled (`compile_kernels`).
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ class _HeadLosses(torch.autograd.Function):
             z = (hs @ w_s.T).float()
             z_t = (h_t[rows] @ w_t.T).float() if use_kd else None
             lm, kd, dz = head(z, z_t, y if lm_labels is None else lm_labels[rows], (y != IGNORE_INDEX).float(),
-                                    divergence_grad, temperature, lm_weight, kd_weight, 1.0 / normalizer)
+                              divergence_grad, temperature, lm_weight, kd_weight, 1.0 / normalizer)
             lm_sum += lm
             kd_sum += kd
             if need_h:

@@ -174,3 +174,25 @@ def test_a_different_teacher_is_caught(tmp_path):
     with pytest.raises(CheckpointError, match=r"trained with another teacher than the one in .*other"):
         load_lrc(tmp_path / "lrc", teacher_path=other)
     load_lrc(tmp_path / "lrc", teacher_path=teacher)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("valid", ["all", "mask", "none_valid"])
+def test_clone_mse_matches_its_formula(dtype, valid):
+    """masked_mse's closed-form autograd Function: the value and both inputs' gradients of
+    mean over valid positions of mean over features of (a - b)^2, computed in fp32."""
+    from lrc_dist.lrc import masked_mse
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 5, 7, generator=g).to(dtype).requires_grad_(True)
+    b = torch.randn(2, 5, 7, generator=g).to(dtype).requires_grad_(True)  # a target through P: it trains too
+    mask = {"all": None, "mask": torch.rand(2, 5, generator=g) > 0.4, "none_valid": torch.zeros(2, 5, dtype=torch.bool)}[valid]
+    per_position = (a.float() - b.float()).pow(2).mean(-1)
+    m = torch.ones(2, 5) if mask is None else mask.float()
+    want = (per_position * m).sum() / m.sum().clamp(min=1)
+    got = masked_mse(a, b, mask)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+    grads, want_grads = torch.autograd.grad(3 * got, (a, b)), torch.autograd.grad(3 * want, (a, b))
+    for x, y in zip(grads, want_grads):
+        assert x.dtype == dtype and torch.allclose(x.float(), y.float(), rtol=1e-5, atol=1e-7)
+    assert grads[0].abs().sum() > 0 or valid == "none_valid"

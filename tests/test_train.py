@@ -267,20 +267,24 @@ def test_slurm_scripts_are_shellcheck_clean():
     assert proc.returncode == 0, proc.stdout
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_blocks_give_the_eager_curve(one_process, tiny_job, tmp_path, monkeypatch, backend):
-    """parallel.compile: every LRC block's forward is torch.compile'd, its activation checkpoint
-    traced with it (the tiny job checkpoints), and the curve is the eager one to fp32 rounding.
-    By default through dynamo and AOT autograd without code generation (aot_eager: seconds); the
-    product's inductor, which compiles C++ on a CPU (~40 s here), is the slow variant."""
+@pytest.mark.parametrize("method,backend", [("lrc", "aot_eager"), ("kd", "aot_eager"),
+                                            pytest.param("lrc", "inductor", marks=pytest.mark.slow)])
+def test_compiled_blocks_give_the_eager_curve(one_process, tiny_job, tmp_path, monkeypatch, method, backend):
+    """parallel.compile: every LRC block's (KD: every layer's) forward is torch.compile'd, its
+    activation checkpoint traced with it (the tiny job checkpoints), and the curve is the eager one
+    to fp32 rounding. By default through dynamo and AOT autograd without code generation
+    (aot_eager: seconds); the product's inductor, which compiles C++ on a CPU (~40 s here), is the
+    slow variant."""
     from torch._dynamo.utils import counters
 
     if backend != "inductor":
         monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
-    train(tiny_cfg(tiny_job, tmp_path / "eager", steps=3))
+    job = {"steps": 3, "model.method": method}
+    train(tiny_cfg(tiny_job, tmp_path / "eager", **job))
     counters.clear()
     monkeypatch.setattr("lrc_dist.losses._compiled_kernels", None)  # the compiled kernels end with the test
-    train(tiny_cfg(tiny_job, tmp_path / "compiled", steps=3, **{"parallel.compile": True}))
+    train(tiny_cfg(tiny_job, tmp_path / "compiled", **job, **{"parallel.compile": True}))
     assert counters["stats"]["unique_graphs"] >= 2  # a block and the head kernel: fails when nothing compiles
     records = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("eager", "compiled")]
-    assert_same_curve(records[1], records[0], CURVE_KEYS, rel=1e-4)
+    keys = CURVE_KEYS if method == "lrc" else ("loss", "lm", "kl", "grad_norm")
+    assert_same_curve(records[1], records[0], keys, rel=1e-4)
