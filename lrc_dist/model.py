@@ -12,7 +12,6 @@ the layer's taps.
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -151,10 +150,16 @@ def no_tap(name: str, value: Tensor) -> Tensor:
     return value
 
 
-@functools.cache
+_ACTIVATIONS: dict[str, nn.Module] = {}
+
+
 def activation(name: str) -> nn.Module:
-    """transformers' activation of that config name (silu, gelu_pytorch_tanh, ...)."""
-    return ACT2FN[name]
+    """transformers' activation of that config name (silu, gelu_pytorch_tanh, ...), one instance
+    per name. A plain dict, not functools.cache, which torch.compile warns about; DecoderLayer
+    fills it when built, so that compiled code only reads it."""
+    if name not in _ACTIVATIONS:
+        _ACTIVATIONS[name] = ACT2FN[name]
+    return _ACTIVATIONS[name]
 
 
 def query_key_value(x: Tensor, w: Weights, args: ModelArgs, rope: Rope, tap: Tap) -> tuple[Tensor, Tensor, Tensor]:
@@ -234,6 +239,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.args, self.index = args, index
         self.layer_type, self.window = args.layer_types[index], args.window(index)
+        activation(args.activation)  # resolved here, outside any compiled forward
         norms = {args.family.names[n] for n in args.family.names if "norm" in n}
         shapes = hf_layer_shapes(args)
         self.hf_names = tuple(shapes)
