@@ -219,21 +219,30 @@ class RunLock:
         return None
 
     def _take_over(self, seen: str) -> bool:
-        """Replace the stale lock whose text is `seen`; False if another job got there first."""
-        aside = self.path.with_name(f"lock.stale.{self._mine}")
+        """Replace the stale lock whose text is `seen`; False if another job got there first.
+
+        Only the job holding `lock.breaking` (created exclusively, as the lock is) may delete the
+        lock, and only while its text is still `seen`: no job ever moves or deletes a lock another
+        job has just taken. (Renaming the stale lock aside and putting back a fresh one moved by
+        mistake let two of four jobs starting together both hold it.)"""
+        token, mine = self.path.with_name("lock.breaking"), self.path.with_name(f"lock.breaking.{self._mine}")
+        mine.write_text(self._text)
         try:
-            os.rename(self.path, aside)  # atomic: of two jobs renaming one lock, one gets it
-        except FileNotFoundError:
+            os.link(mine, token)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - token.stat().st_mtime > 60:  # left by a job that died breaking the lock
+                    token.unlink()
             return False
-        if aside.read_text() != seen:  # we moved a newer job's fresh lock: put it back
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-            aside.unlink()
-            return False
-        aside.unlink()
-        return self._create()
+        finally:
+            mine.unlink()
+        try:
+            if self._read()[0] != seen:
+                return False  # another job took it meanwhile
+            self.path.unlink(missing_ok=True)
+            return self._create()
+        finally:
+            token.unlink(missing_ok=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.stale_after / 10):
