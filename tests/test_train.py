@@ -75,6 +75,18 @@ def test_fsdp_two_ranks_and_resume_on_one_rank(reference, tiny_job, tmp_path):
     assert len(first) == 3
 
 
+@pytest.mark.slow
+def test_compiled_blocks_under_fsdp_give_the_one_process_curve(reference, tiny_job, tmp_path):
+    """parallel.compile composed with FSDP2 (2 ranks, teacher sharded with its blocks, activation
+    checkpointing): inductor on each rank, the single-process eager curve to fp32 rounding; the
+    checkpoint keeps the eager names (no _orig_mod)."""
+    records = run(tiny_job, tmp_path, 2, "--parallel.backend=fsdp", "--parallel.teacher=shard",
+                  "--parallel.compile=true", "--stop_at=3")
+    assert_same_curve(records, reference[0][:3], CURVE_KEYS, rel=1e-4)
+    keys = set(_dcp_keys(tmp_path / "step_00000003"))
+    assert keys and not any("_orig_mod" in k for k in keys)
+
+
 def _dcp_keys(path):
     from torch.distributed.checkpoint import FileSystemReader
 
