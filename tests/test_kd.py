@@ -81,7 +81,8 @@ def kd_reference(tiny_job, tmp_path_factory):
     return run(tiny_job, tmp_path_factory.mktemp("kd"), 1, "--model.method=kd", "--parallel.backend=none")
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+# ZeRO-3 under KD is slow (78 s in CI); LRC's ZeRO-3 curve (test_train.py) stays in the default run
+@pytest.mark.parametrize("backend", ["fsdp", pytest.param("deepspeed", marks=pytest.mark.slow)])
 def test_kd_trainer_backends_match_one_process(kd_reference, tiny_job, tmp_path, backend):
     assert kd_reference[-1]["loss"] < kd_reference[0]["loss"] and kd_reference[0]["kl"] > 0
     records = run(tiny_job, tmp_path, 2, "--model.method=kd", f"--parallel.backend={backend}")
