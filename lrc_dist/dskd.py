@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lrc_dist.divergences import divergence_grad_fn
-from lrc_dist.losses import EAGER_KERNELS, LossConfig, chunk_tokens, kernel
+from lrc_dist.losses import EAGER_KERNELS, LossConfig, chunk_tokens, cross_entropy_grad_, kernel
 
 _RCOND = 1e-6  # singular values of a head below this fraction of its largest one count as zero
 _GRAM_ROWS = 4096  # vocabulary rows per block of the float64 Gram products
@@ -102,10 +102,7 @@ def _chunk_terms(h_s, w_s, s2t, t2s, h_t, w_t, valid, *, divergence_grad, temper
     del z_s
     stu_rows = valid * agree if mask else valid  # a projection that loses the teacher's prediction is no target
     dz_s.mul_((scale / temperature) * stu_rows)
-    lse = torch.logsumexp(z_t2s, 1, keepdim=True)
-    ce_t2s = lse - z_t2s.gather(1, target)
-    dz_t2s = z_t2s.sub_(lse).exp_().mul_(scale * valid)
-    dz_t2s.scatter_add_(1, target, -scale * valid)
+    ce_t2s, dz_t2s = cross_entropy_grad_(z_t2s, target, scale * valid)
     z_s2t = ((h_s.to(s2t.dtype) @ s2t).to(w_t.dtype) @ w_t.T).float()
     kd_tea, dz_s2t = divergence_grad(torch.log_softmax(z_s2t.div_(temperature), 1),
                                      torch.log_softmax(z_t.div_(temperature), 1))

@@ -82,6 +82,16 @@ class LossConfig:
     """nucleus sampling of the generated tokens: the most likely tokens reaching this mass"""
 
 
+def cross_entropy_grad_(z: Tensor, target: Tensor, row_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the cross-entropy of fp32 logits z [c, V] at `target` [c, 1], and row_scale [c, 1]
+    times its gradient, softmax(z) - onehot(target), in z's storage (z is overwritten)."""
+    lse = torch.logsumexp(z, 1, keepdim=True)
+    ce = lse - z.gather(1, target)
+    dz = z.sub_(lse).exp_().mul_(row_scale)
+    dz.scatter_add_(1, target, -row_scale)
+    return ce, dz
+
+
 def head_chunk(z: Tensor, z_t: Tensor | None, y_lm: Tensor, valid: Tensor, divergence_grad, temperature: float,
                lm_weight: float, kd_weight: float, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk of the head losses, forward and backward in one pass: (LM sum, D sum, d(loss)/dz).
@@ -94,9 +104,6 @@ def head_chunk(z: Tensor, z_t: Tensor | None, y_lm: Tensor, valid: Tensor, diver
     temporaries at most.
     """
     lm_rows = (y_lm != IGNORE_INDEX).to(z.dtype).unsqueeze(1)
-    target = y_lm.clamp(min=0).unsqueeze(1)
-    lse = torch.logsumexp(z, 1, keepdim=True)
-    lm = ((lse - z.gather(1, target)) * lm_rows).sum()
     kd = z.new_zeros(())
     kd_grad = None
     if z_t is not None:
@@ -106,9 +113,8 @@ def head_chunk(z: Tensor, z_t: Tensor | None, y_lm: Tensor, valid: Tensor, diver
         kd_rows, kd_grad = divergence_grad(logq, logp)
         del logq, logp
         kd = (kd_rows * valid).sum()
-    lm_scale = (scale * lm_weight) * lm_rows
-    dz = z.sub_(lse).exp_().mul_(lm_scale)  # softmax(z) - onehot(y), weighted
-    dz.scatter_add_(1, target, -lm_scale)
+    lm_tokens, dz = cross_entropy_grad_(z, y_lm.clamp(min=0).unsqueeze(1), (scale * lm_weight) * lm_rows)
+    lm = (lm_tokens * lm_rows).sum()
     if kd_grad is not None:
         dz.add_(kd_grad.mul_((scale * kd_weight / temperature) * valid.unsqueeze(1)))
     return lm, kd, dz
