@@ -259,6 +259,11 @@ class DeepSpeedBackend:
         from deepspeed.utils import set_z3_leaf_modules
 
         self.cfg, self.info = cfg, info
+        if info.device.type == "cpu":
+            # On a CPU, DeepSpeed's communication set-up JIT-compiles its shared-memory all-reduce
+            # (C++, about a minute in a fresh environment), which only its inference_all_reduce
+            # uses; training never calls it. Marked unavailable, DeepSpeed uses gloo throughout.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         ds_config = deepspeed_config(cfg, grad_accum)
         self.placement = f"ZeRO stage {ds_config['zero_optimization'].get('stage', 0)}"
         model.set_activation_checkpointing(cfg.parallel.activation_checkpointing)

@@ -22,8 +22,7 @@ from lrc_dist.train import NonFiniteLossError, lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/tiny_cpu.yaml")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
-       "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/lrc_dist/torch_extensions")}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
 
 
 def run(job, run_dir, nproc=1, *overrides, entry=("-m", "lrc_dist.train"), env=None) -> list[dict]:
@@ -87,6 +86,19 @@ def test_compiled_blocks_under_fsdp_give_the_one_process_curve(reference, tiny_j
     assert keys and not any("_orig_mod" in k for k in keys)
 
 
+@pytest.mark.slow
+def test_compiled_blocks_under_zero3_give_the_one_process_curve(reference, tiny_job, tmp_path):
+    """parallel.compile composed with DeepSpeed ZeRO-3 (2 ranks, each block a leaf module that ZeRO
+    gathers whole, sharded generation): the one-process eager curve to fp32 rounding; ZeRO's
+    checkpoint keeps the eager parameter names."""
+    records = run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed", "--parallel.compile=true",
+                  "--parallel.shard_generation=true", "--stop_at=3")
+    assert_same_curve(records, reference[0][:3], CURVE_KEYS, rel=1e-4)
+    states = torch.load(tmp_path / "step_00000003/state/zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
+    names = set(states["param_shapes"][0]) if states.get("param_shapes") else set(states["module"] or {})
+    assert names and not any("_orig_mod" in k for k in names), sorted(names)[:5]
+
+
 def _dcp_keys(path):
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -94,7 +106,13 @@ def _dcp_keys(path):
 
 
 def test_deepspeed_zero3_curve_and_resume(reference, tiny_job, tmp_path):
-    run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed", "--stop_at=3", "--parallel.shard_generation=true")
+    """ZeRO-3 on 2 ranks, stopped at step 3 and resumed: the one-process curve. On a CPU DeepSpeed
+    builds no extension (its shared-memory all-reduce, a minute of C++ compilation, serves only its
+    inference)."""
+    extensions = tmp_path / "torch_extensions"
+    run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed", "--stop_at=3", "--parallel.shard_generation=true",
+        env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert not extensions.exists(), sorted(p.name for p in extensions.iterdir())
     states = torch.load(tmp_path / "step_00000003/state/zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
     assert not any("teacher" in k for k in states["module"] or {}), "teacher weights must never be checkpointed"
     assert_same_curve(run(tiny_job, tmp_path, 2, "--parallel.backend=deepspeed"), reference[0], CURVE_KEYS)
