@@ -37,6 +37,18 @@ def test_demo_quick_preset_end_to_end(quick_demo):
     assert all(f"[{i}/6]" in again.stdout and "(reused)" in again.stdout for i in range(1, 7))
 
 
+def test_a_finished_demo_is_reused_without_reading_its_corpus_again(quick_demo, monkeypatch):
+    """The corpus files exist: a rerun does not parse the standard library again (~7 s)."""
+    from lrc_dist import demo
+
+    def parse_again():
+        raise AssertionError("the finished demo's corpus was rebuilt")
+
+    monkeypatch.setattr(demo, "documents", parse_again)
+    results = demo.main(out=str(quick_demo[0]), preset="quick", plot=False, dskd=True)
+    assert set(results) == {"teacher", "lrc", "lrc_no_clone", "kd", "lrc_dskd", "kd_dskd"}
+
+
 @pytest.mark.slow  # 62 s
 def test_demo_beyond_adds_its_students_reusing_the_finished_stages(quick_demo):
     """--beyond and --on_policy on the quick demo's output: the eight LRC options beyond the paper
