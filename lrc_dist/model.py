@@ -12,6 +12,7 @@ the layer's taps.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -25,7 +26,6 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, PretrainedConfig
-from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from lrc_dist.families import CheckpointError, ModelArgs, hf_layer_shapes, split_layer
@@ -150,14 +150,23 @@ def no_tap(name: str, value: Tensor) -> Tensor:
     return value
 
 
-_ACTIVATIONS: dict[str, nn.Module] = {}
+# The activations of the supported families, as the functions transformers' ACT2FN calls for them
+# (SiLUActivation, GELUTanh, GELUActivation: F.silu, F.gelu(tanh), F.gelu). Importing
+# transformers.activations costs about 3 s per process (it pulls in the hub-kernel machinery), so
+# every trainer rank and every --help would pay it; any other name is ACT2FN's, imported then.
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
 
 
-def activation(name: str) -> nn.Module:
-    """transformers' activation of that config name (silu, gelu_pytorch_tanh, ...), one instance
-    per name. A plain dict, not functools.cache, which torch.compile warns about; DecoderLayer
+def activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The MLP activation of that config name (silu, gelu_pytorch_tanh, ...), as transformers
+    computes it. A plain dict, not functools.cache, which torch.compile warns about; DecoderLayer
     fills it when built, so that compiled code only reads it."""
     if name not in _ACTIVATIONS:
+        from transformers.activations import ACT2FN
+
         _ACTIVATIONS[name] = ACT2FN[name]
     return _ACTIVATIONS[name]
 

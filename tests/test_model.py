@@ -80,3 +80,23 @@ def test_a_tied_config_with_a_separate_head_is_an_error(tmp_path):
     (tmp_path / "m/config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
     with pytest.raises(CheckpointError, match="tie_word_embeddings=true, but the weights hold an lm_head.weight"):
         CausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("name", ["silu", "swish", "gelu", "relu", "gelu_pytorch_tanh"])
+def test_activations_are_transformers_own(name):
+    """model.activation computes the named activation exactly as transformers' ACT2FN does."""
+    from transformers.activations import ACT2FN
+
+    from lrc_dist.model import activation
+
+    x = torch.randn(4096) * 4
+    assert torch.equal(activation(name)(x), ACT2FN[name](x))
+
+
+def test_the_trainer_imports_without_transformers_activations():
+    """transformers.activations costs ~3 s per process (every rank, every --help): not imported."""
+    import subprocess
+    import sys
+
+    code = "import sys, lrc_dist.train; print('transformers.activations' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
