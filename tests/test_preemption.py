@@ -81,8 +81,10 @@ def long_reference(tiny_job, tmp_path_factory):
     return run(tiny_job, run_dir, 1, "--parallel.backend=none", *LONG)
 
 
+# The one-process variant is slow-marked (CI time): under torchrun each rank gets the same SIGTERM
+# and runs the same handler.
 @pytest.mark.parametrize("backend, nproc, target", [
-    ("none", 1, "the process"),
+    pytest.param("none", 1, "the process", marks=pytest.mark.slow),
     ("fsdp", 2, "torchrun"),
     pytest.param("deepspeed", 2, "rank 1 alone", marks=pytest.mark.slow),
 ])
