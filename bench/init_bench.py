@@ -11,6 +11,14 @@ calibration windows, the teacher forward, the moments, the eigh and setting ever
 student's initial loss terms (the demo's loss: T = 2, kl_weight 1, clone_weight 0.5) are measured on
 16 held-out windows, with the effective rank of its final hidden states, the teacher's next to it.
 With --shape, a random teacher of that shape (bench/step_bench.py's) on --device: the cost only.
+
+With --teacher, a real pretrained checkpoint (e.g. Gemma-3-270M converted by data_prep/convert_gguf.py):
+each mode at each of --widths, calibrated on --calibration_windows windows of --seq tokens of the
+demo corpus (Python's documentation, as the demo trains on) in the teacher's tokens, and measured
+before any update on --held_out (default: the repository's LICENSE, English prose outside that
+corpus): lm, KL at T = 1 and the clone term, one forward over the held-out windows.
+
+    .venv/bin/python bench/init_bench.py --teacher teachers/gemma-3-270m --widths 320,480
 """
 
 from __future__ import annotations
@@ -91,11 +99,47 @@ def shaped(shape: str, device: str, dtype: str, seq: int, samples: int, batch: i
         print(f"{shape} {mode}: {wall:.2f} s wall ({cpu:.2f} s CPU), {samples} x {seq} tokens", flush=True)
 
 
-def main(demo_dir: str | None = None, width: int = 96, repeats: int = 3, shape: str | None = None,
+def real(teacher: Path, widths: tuple[int, ...], held_out: Path, seq: int, samples: int, modes: tuple[str, ...]) -> None:
+    from transformers import AutoTokenizer
+
+    from lrc_dist.demo import documents
+    from lrc_dist.losses import LossConfig
+    from lrc_dist.model import CausalLM
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    corpus = tok("\n\n".join(text for _, text in documents()[:400])).input_ids
+    windows = torch.tensor(corpus[: samples * seq]).view(samples, seq)
+    held = torch.tensor(tok(held_out.read_text()).input_ids)
+    held = held[: held.numel() // (seq + 1) * (seq + 1)].view(-1, seq + 1)[:2]
+    base = CausalLM.from_pretrained(teacher)
+    loss_cfg = LossConfig(temperature=1.0, clone_weight=1.0)
+    with torch.no_grad():
+        t_logits = base(held[:, :-1])
+        t_lm = torch.nn.functional.cross_entropy(t_logits.flatten(0, 1), held[:, 1:].flatten()).item()
+    print(f"teacher {teacher}: held-out lm {t_lm:.3f} ({held.numel() - len(held)} tokens of {held_out.name}); "
+          f"uniform {np.log(base.args.vocab_size):.2f}; calibration {samples} x {seq} tokens")
+    print("| d_S | lrc.init | init wall s | lm | kl (T = 1) | clone |")
+    print("|---|---|---|---|---|---|")
+    for width in widths:
+        for mode in modes:
+            model = LowRankClone(base, LRCConfig(width, init=mode))
+            _, wall = timed(lambda: model.init_weights(0) if mode == "random" else init_from_teacher(model, windows),
+                            torch.device("cpu"))
+            with torch.no_grad():
+                _, m = model(held[:, :-1], held[:, 1:], loss_cfg)
+            print(f"| {width} | {mode} | {wall:.1f} | {m['lm']:.2f} | {m['kl']:.2f} | {m['clone']:.4g} |", flush=True)
+
+
+def main(teacher: str | None = None, widths: str = "320,480", held_out: str = "LICENSE",
+         calibration_windows: int = 16, modes: str = ",".join(MODES), demo_dir: str | None = None, width: int = 96, repeats: int = 3, shape: str | None = None,
          device: str = "cpu", dtype: str = "float32", seq: int = 2048, samples: int = 16, batch: int = 2,
          threads: int = 1) -> None:
     torch.set_num_threads(threads)
-    if shape:
+    if teacher:
+        as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else tuple(str(v).split(","))  # noqa: E731
+        real(Path(teacher), tuple(int(w) for w in as_tuple(widths)), Path(held_out), seq if seq != 2048 else 256,
+             calibration_windows, as_tuple(modes))
+    elif shape:
         shaped(shape, device, dtype, seq, samples, batch)
     else:
         demo(Path(demo_dir or "runs/demo"), width, repeats)
