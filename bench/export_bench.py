@@ -8,7 +8,7 @@ real checkpoints are. Each variant runs in a fresh process that first builds the
 trainer does (`build_model`: the teacher in the run's dtype, fp32 projections), as one process
 (`parallel.backend=none`), and then exports it once, as `train.export_to` does:
 
-- from disk: the export before issue 13 item 7: the trainable state gathered (what
+- from disk: the export that builds the model again: the trainable state gathered (what
   `full_trainable_state` did), the model built again in fp32 from disk, the student materialised
   at once (tests/export_reference.py);
 - live: `export.export_run` on the model held, one part at a time.

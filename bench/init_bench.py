@@ -13,7 +13,7 @@ student's initial loss terms (the demo's loss: T = 2, kl_weight 1, clone_weight 
 With --shape, a random teacher of that shape (bench/step_bench.py's) on --device: the cost only.
 
 With --teacher, a real pretrained checkpoint (e.g. Gemma-3-270M converted by data_prep/convert_gguf.py):
-each mode at each of --widths, calibrated on --calibration_windows windows of --seq tokens of the
+each mode at each of --widths, calibrated on --calibration_windows windows of --window tokens of the
 demo corpus (Python's documentation, as the demo trains on) in the teacher's tokens, and measured
 before any update on --held_out (default: the repository's LICENSE, English prose outside that
 corpus): lm, KL at T = 1 and the clone term, one forward over the held-out windows.
@@ -131,14 +131,14 @@ def real(teacher: Path, widths: tuple[int, ...], held_out: Path, seq: int, sampl
 
 
 def main(teacher: str | None = None, widths: str = "320,480", held_out: str = "LICENSE",
-         calibration_windows: int = 16, modes: str = ",".join(MODES), demo_dir: str | None = None, width: int = 96, repeats: int = 3, shape: str | None = None,
+         calibration_windows: int = 16, window: int = 256, modes: str = ",".join(MODES),
+         demo_dir: str | None = None, width: int = 96, repeats: int = 3, shape: str | None = None,
          device: str = "cpu", dtype: str = "float32", seq: int = 2048, samples: int = 16, batch: int = 2,
          threads: int = 1) -> None:
     torch.set_num_threads(threads)
     if teacher:
         as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else tuple(str(v).split(","))  # noqa: E731
-        real(Path(teacher), tuple(int(w) for w in as_tuple(widths)), Path(held_out), seq if seq != 2048 else 256,
-             calibration_windows, as_tuple(modes))
+        real(Path(teacher), tuple(int(w) for w in as_tuple(widths)), Path(held_out), window, calibration_windows, as_tuple(modes))
     elif shape:
         shaped(shape, device, dtype, seq, samples, batch)
     else:

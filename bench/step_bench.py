@@ -36,7 +36,7 @@ from lrc_dist.model import CausalLM
 # (model_type, hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied, student hidden)
 SHAPES = {
     "cpu": ("qwen2", 512, 1408, 4, 8, 2, 64, 8192, False, 256),
-    # the shape issue 17 compared with the paper's reference implementation
+    # the shape at which the step is compared with the paper's reference implementation
     "reference": ("llama", 512, 1408, 4, 8, 2, 64, 32000, False, 256),
     "llama3b": ("llama", 3072, 8192, 28, 24, 8, 128, 128256, True, 1536),
     "qwen7b": ("qwen2", 3584, 18944, 28, 28, 4, 128, 152064, False, 2048),

@@ -73,7 +73,7 @@ DSKD_STUDENTS = {
     "lrc_dskd": ("LRC, DSKD instead of KL", DSKD),
     "kd_dskd": ("DSKD, random init", {"model.method": "kd", **DSKD}),
 }
-# --beyond: the options beyond the paper's LRC (issue 14), each at the paper's LRC token budget.
+# --beyond: the options beyond the paper's LRC, each at the paper's LRC token budget.
 BEYOND_STUDENTS = {
     "lrc_init_activation": ("LRC, activation init", {"model.lrc.init": "activation"}),
     "lrc_init_svd": ("LRC, svd init", {"model.lrc.init": "svd"}),

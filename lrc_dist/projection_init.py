@@ -166,11 +166,11 @@ def norm_scales(model: LowRankClone, basis: Tensor, windows: Tensor, batch_size:
     rotates (P_o = diag(g) U), mean |U^T o| / |o| when it selects channels. Order: per layer
     attn_norm, mlp_norm, attn_post_norm, mlp_post_norm (those it has), then the final norm. With
     them the moments of the final norm's inputs (`Calibration`, for `final_norm_scale`)."""
-    args, device = model.teacher_args, model.teacher_embed.weight.device
-    u, (d_t, d_s) = basis.double().to(device), basis.shape
+    u, (d_t, d_s) = basis.double().to(model.teacher_embed.weight.device), basis.shape
     rotates, r = not selects_channels(basis), math.sqrt(d_t / d_s)
-    offset = 1.0 - args.family.norm_init
+    offset = 1.0 - model.teacher_args.family.norm_init
     sums: list[Tensor] = []
+    values: list[Tensor] = []
     count, student_moment, cross_moment = 0, 0.0, 0.0
 
     def kept(x: Tensor, g: Tensor | None = None) -> Tensor:
@@ -180,22 +180,16 @@ def norm_scales(model: LowRankClone, basis: Tensor, windows: Tensor, batch_size:
             return (flat @ u).norm(dim=-1) / _norms(flat)
         return r * ((flat * g) @ u).norm(dim=-1) / _norms(flat)
 
-    for ids in windows.split(batch_size):
-        ids, values = ids.to(device), []
-        h = args.scale_embeddings(model.teacher_embed(ids))
-        ctx = Context.of(model.rotary, args, ids, h.dtype, model.document_eos)
-        for block in model.layers:
-            h_next, taps = block.teacher_forward(h, ctx)
-            w = block.teacher.weights()
-            attn = rms_norm(taps["attn_out"], w["attn_post_norm"], args) if "attn_post_norm" in w else taps["attn_out"]
-            values += [kept(h), kept(h + attn)]
+    for h, after_attn, taps, w in teacher_reads(model, windows, batch_size):
+        if after_attn is not None:
+            values += [kept(h), kept(after_attn)]
             for norm, tap in (("attn_post_norm", "attn_out"), ("mlp_post_norm", "ffn_out")):
                 if norm in w:
                     values.append(kept(taps[tap], w[norm].double() + offset if rotates else None))
-            h = h_next
+            continue
         values.append(kept(h))
         sums.append(torch.stack([v.sum() for v in values]))
-        count += ids.numel()
+        values, count = [], count + h.shape[0] * h.shape[1]
         flat = h.flatten(0, -2).double()
         n_t = flat * (math.sqrt(d_t) / _norms(flat))[:, None]
         n_s = flat @ u
@@ -204,31 +198,35 @@ def norm_scales(model: LowRankClone, basis: Tensor, windows: Tensor, batch_size:
     return Calibration(torch.stack(sums).sum(0) / count, student_moment / count, cross_moment / count)
 
 
-def stream_moment(model: LowRankClone, windows: Tensor, batch_size: int = 1) -> Tensor:
-    """E[n n^T] in float64 [d_T, d_T], n = x / rms(x), over the tokens of `windows` and the 2L + 1
-    streams x that the teacher's norms read: each layer's input (its attention norm), its stream
-    after attention (its MLP norm), and the last one (the final norm)."""
+def teacher_reads(model: LowRankClone, windows: Tensor, batch_size: int = 1):
+    """The teacher run over `windows`, `batch_size` at a time, yielding what its norms read: per
+    layer (its input, its stream after attention, its taps, its weights), then (the last stream,
+    None, None, None) per batch. One layer's activations are alive at a time."""
     args, device = model.teacher_args, model.teacher_embed.weight.device
-    total, count = 0.0, 0
-
-    def add(x: Tensor) -> None:
-        nonlocal total, count
-        n = x.flatten(0, 1).float()
-        n = n * torch.rsqrt(n.pow(2).mean(-1, keepdim=True) + args.rms_norm_eps)
-        total, count = total + gram(n, n), count + n.shape[0]
-
     for ids in windows.split(batch_size):
         ids = ids.to(device)
         h = args.scale_embeddings(model.teacher_embed(ids))
         ctx = Context.of(model.rotary, args, ids, h.dtype, model.document_eos)
         for block in model.layers:
-            add(h)
             h_next, taps = block.teacher_forward(h, ctx)
             w = block.teacher.weights()
             attn = rms_norm(taps["attn_out"], w["attn_post_norm"], args) if "attn_post_norm" in w else taps["attn_out"]
-            add(h + attn)  # as model.decoder_layer adds it
+            yield h, h + attn, taps, w  # as model.decoder_layer adds it
             h = h_next
-        add(h)
+        yield h, None, None, None
+
+
+def stream_moment(model: LowRankClone, windows: Tensor, batch_size: int = 1) -> Tensor:
+    """E[n n^T] in float64 [d_T, d_T], n = x / rms(x), over the tokens of `windows` and the 2L + 1
+    streams x that the teacher's norms read: each layer's input (its attention norm), its stream
+    after attention (its MLP norm), and the last one (the final norm)."""
+    eps = model.teacher_args.rms_norm_eps
+    total, count = 0.0, 0
+    for h, after_attn, _, _ in teacher_reads(model, windows, batch_size):
+        for x in (h,) if after_attn is None else (h, after_attn):
+            n = x.flatten(0, 1).float()
+            n = n * torch.rsqrt(n.pow(2).mean(-1, keepdim=True) + eps)
+            total, count = total + gram(n, n), count + n.shape[0]
     return total / count
 
 
@@ -272,24 +270,19 @@ def top_channels(moment: Tensor, k: int) -> Tensor:
 
 
 @torch.no_grad()
-def set_basis(model: LowRankClone, basis: Tensor, calibration: Calibration | None = None) -> None:
+def set_basis(model: LowRankClone, basis: Tensor, calibration: Calibration) -> None:
     """Every projection and student norm of `model` from the stream basis U and what calibration
-    measured (`norm_scales`; None: 1 for the norms reading the stream, for rotated post-norms their
-    value for an isotropic o, ||U^T diag(g)||_F / sqrt(d_S), and the final norm unfitted; see the
-    module doc)."""
+    measured (`norm_scales`; see the module doc)."""
     d_t, d_s = basis.shape
     family = model.teacher_args.family
     offset = 1.0 - family.norm_init  # a norm scales by weight + offset
     u, r = basis.double(), math.sqrt(d_t / d_s)
     rotates = not selects_channels(basis)
     embed = r if family.embed_scale else 1.0  # the ratio of the two widths' embedding scales
-    measured = iter(calibration.scales.double().tolist()) if calibration is not None else None
+    measured = iter(calibration.scales.double().tolist())  # in norm_scales' order
 
     def scale(weight: Tensor) -> Tensor:
         return weight.double().to(u.device) + offset
-
-    def measured_or(default: float) -> float:
-        return next(measured) if measured is not None else default
 
     def read(g: Tensor) -> Tensor:
         return r * g[:, None] * u
@@ -306,7 +299,7 @@ def set_basis(model: LowRankClone, basis: Tensor, calibration: Calibration | Non
                 block.proj[block.cfg.projection_name(m)].copy_(read(g[norm]))
         student = {}
         for norm in FOLDED:
-            student[norm] = torch.full((d_s,), measured_or(1.0), dtype=torch.float64)
+            student[norm] = torch.full((d_s,), next(measured), dtype=torch.float64)
         for norm, m in (("attn_post_norm", "o"), ("mlp_post_norm", "down")):
             if norm not in g:
                 block.proj[m].copy_(u)
@@ -314,23 +307,20 @@ def set_basis(model: LowRankClone, basis: Tensor, calibration: Calibration | Non
                 # (g over its root mean square: the post-norm undoes any scale of P, and the clone
                 # term compares o through P at o's own scale)
                 block.proj[m].copy_(g[norm][:, None] / g[norm].pow(2).mean().sqrt() * u)
-                student[norm] = torch.full((d_s,), measured_or((g[norm][:, None] * u).norm().item() / math.sqrt(d_s)),
-                                           dtype=torch.float64)
+                student[norm] = torch.full((d_s,), next(measured), dtype=torch.float64)
             else:  # U selects channels: g restricted to them, exactly
                 block.proj[m].copy_(u)
-                student[norm] = measured_or(1.0) * nearest_diagonal(g[norm], r)
+                student[norm] = next(measured) * nearest_diagonal(g[norm], r)
         for norm, hf in block.norm_names.items():
             get_parameter(block, hf).copy_(student[norm] - offset)
     g = scale(model.teacher_norm.weight)
-    final = measured_or(1.0)
+    final = next(measured)
     if model.teacher_args.tie_word_embeddings:  # the head is the embedding's: its P cannot hold the norm
         student = final * nearest_diagonal(g, r / embed)
     else:
         model.lm_head_proj.copy_(read(g))
         student = torch.full((d_s,), final, dtype=torch.float64)
-    if calibration is not None:
-        student = final_norm_scale(model, g, calibration, student)
-    model.norm.weight.copy_(student - offset)
+    model.norm.weight.copy_(final_norm_scale(model, g, calibration, student) - offset)
 
 
 def final_norm_scale(model: LowRankClone, g: Tensor, calibration: Calibration, prior: Tensor) -> Tensor:
