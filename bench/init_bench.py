@@ -130,6 +130,11 @@ def real(teacher: Path, widths: tuple[int, ...], held_out: Path, seq: int, sampl
             print(f"| {width} | {mode} | {wall:.1f} | {m['lm']:.2f} | {m['kl']:.2f} | {m['clone']:.4g} |", flush=True)
 
 
+def listed(value) -> tuple:
+    """A fire argument given as 320,480 (a tuple to fire) or as one value."""
+    return tuple(value) if isinstance(value, (tuple, list)) else tuple(str(value).split(","))
+
+
 def main(teacher: str | None = None, widths: str = "320,480", held_out: str = "LICENSE",
          calibration_windows: int = 16, window: int = 256, modes: str = ",".join(MODES),
          demo_dir: str | None = None, width: int = 96, repeats: int = 3, shape: str | None = None,
@@ -137,8 +142,8 @@ def main(teacher: str | None = None, widths: str = "320,480", held_out: str = "L
          threads: int = 1) -> None:
     torch.set_num_threads(threads)
     if teacher:
-        as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else tuple(str(v).split(","))  # noqa: E731
-        real(Path(teacher), tuple(int(w) for w in as_tuple(widths)), Path(held_out), window, calibration_windows, as_tuple(modes))
+        real(Path(teacher), tuple(int(w) for w in listed(widths)), Path(held_out), window, calibration_windows,
+             listed(modes))
     elif shape:
         shaped(shape, device, dtype, seq, samples, batch)
     else:

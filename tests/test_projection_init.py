@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import assert_same_curve, build_checkpoint, rel_err
 from lrc_dist import build
@@ -17,7 +18,6 @@ from lrc_dist.lrc import LowRankClone, LRCConfig
 from lrc_dist.model import CausalLM, get_parameter
 from lrc_dist.projection_init import init_from_teacher
 from lrc_dist.train import train
-from transformers import AutoModelForCausalLM
 from test_train import CURVE_KEYS, run, tiny_cfg
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
