@@ -34,11 +34,17 @@ IGNORE_INDEX = -100
 # page-faulted in zero-filled, and unmapped again for every temporary of every chunk of every step.
 # 2^22 logits (16 MiB) stay on the heap (bench/RESULTS.md).
 CHUNK_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 22}
+# ...but never fewer tokens than this: each chunk's matmuls read the whole head, and with few rows they
+# run at the memory's speed, not the cores' (a 262,144-token vocabulary at 2^22 logits is 16 tokens a
+# chunk: 16 x 320 @ 320 x 262144 ran at 33 GFLOP/s on one CPU core, 128 rows at 101, 512 at 145).
+# The trainer keeps freed CPU memory (resources.keep_freed_cpu_memory), so larger chunks stay cheap.
+MIN_CHUNK_TOKENS = 128
 
 
 def chunk_tokens(cfg: "LossConfig", vocab: int, device: torch.device) -> int:
     """Tokens per chunk of a head loss over `vocab` logits on `device` (`loss.chunk_tokens` if set)."""
-    return cfg.chunk_tokens or max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"]) // vocab)
+    elements = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"])
+    return cfg.chunk_tokens or max(MIN_CHUNK_TOKENS, elements // vocab)
 
 
 @dataclass
@@ -60,7 +66,7 @@ class LossConfig:
     """lambda of the skewed KL divergences"""
     chunk_tokens: int | None = None
     """tokens per chunk of the head losses; null: about 2^25 logits per chunk on a GPU, 2^22 on a
-    CPU (below glibc's mmap threshold)"""
+    CPU (below glibc's mmap threshold), and at least 128 tokens (MIN_CHUNK_TOKENS)"""
     dskd_weight: float = 0.0
     """weight of the dual-space KD loss (lrc_dist.dskd); 0 disables it"""
     dskd_temperature: float = 2.0

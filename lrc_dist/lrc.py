@@ -26,7 +26,7 @@ from lrc_dist.interface import ExtraPart, Matmul, StudentPart
 from lrc_dist.losses import IGNORE_INDEX, LossConfig, aligned_logit_losses, logit_losses
 from lrc_dist.lrc_config import INPUT_SIDE, MATRICES, TARGET_PROJECTIONS, LRCConfig
 from lrc_dist.lrc_files import save_lrc
-from lrc_dist.metrics import lrc_flops_per_token
+from lrc_dist.metrics import lrc_flops_per_token, projects_head
 from lrc_dist.model import (
     CausalLM,
     DecoderLayer,
@@ -252,6 +252,9 @@ class LowRankClone(nn.Module):
         self.eps = args.rms_norm_eps if cfg.rms_norm_eps is None else cfg.rms_norm_eps
         self.vocab = vocab
         self.cross_tokenizer = vocab is not None
+        if self.cross_tokenizer and cfg.head_logits == "project":
+            raise ValueError("lrc.head_logits=project reads the teacher's head, which does not cover the student's "
+                             "vocabulary across tokenizers: use auto or generate.")
         self.student_hf_config()  # a width transformers cannot export fails now, not after training
         self.rotary = teacher.rotary
         self.document_eos: int | None = None  # set: attention and positions per document (data.document_mask)
@@ -342,6 +345,16 @@ class LowRankClone(nn.Module):
         rows = self.head_rows()
         return matmul(rows, proj.to(rows.dtype))
 
+    def projects_head(self, tokens_per_forward: int) -> bool:
+        """Whether training reads the student's logits as (h_S P^T) @ W_T^T (lrc.head_logits): never
+        across tokenizers, with the DSKD projector or in the dense phase; under auto when it costs
+        fewer FLOPs than generating the head for this many tokens per forward (the same on every
+        rank: micro-batches have one shape)."""
+        if self.dense or self.cross_tokenizer or self.dual_space is not None:
+            return False
+        return projects_head(self.cfg.head_logits, self.teacher_args.vocab_size, self.teacher_args.hidden_size,
+                             self.cfg.student_hidden_size, tokens_per_forward * self.generation_ranks)
+
     def kd_heads(self, student_head: Tensor) -> tuple[Tensor, Tensor]:
         """(student, teacher) head weights the KD terms compare: across tokenizers restricted to the
         shared vocabulary (index_selects, so gradients reach the student's head)."""
@@ -414,7 +427,8 @@ class LowRankClone(nn.Module):
         """Model FLOPs of one trained token on one device (metrics.lrc_flops_per_token)."""
         dense = (self.cfg.dense_projections, self.layers[0].kept_projections()) if self.dense else None
         return lrc_flops_per_token(self.teacher_args, self.cfg.student_hidden_size, seq_len, tokens_per_forward,
-                                   self.generation_ranks, dense, self.vocab_size)
+                                   self.generation_ranks, dense, self.vocab_size,
+                                   self.projects_head(tokens_per_forward))
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         for block in self.layers:
@@ -563,15 +577,21 @@ def lrc_loss(
     the clone MSE, a mean over this micro-batch's compared positions, is weighted by its share of
     the step's (clone_normalizer).
     """
-    w_s = model.student_head_weight(model.generation_matmul)
     if aligned is None:
         local = (labels != IGNORE_INDEX).sum()
         share = 1.0 if normalizer is None else local / normalizer
+        h_s, w_t = out.student_hidden.flatten(0, 1), model.teacher_head_weight()
+        if model.projects_head(labels.numel()):  # h_S (W_T P)^T = (h_S P^T) W_T^T: no head generated
+            proj = model.embed_proj if model.teacher_args.tie_word_embeddings else model.lm_head_proj
+            h_s, w_s = h_s @ proj.T.to(h_s.dtype), w_t
+        else:
+            w_s = model.student_head_weight(model.generation_matmul)
         head, metrics = logit_losses(
-            out.student_hidden.flatten(0, 1), w_s, out.teacher_hidden.flatten(0, 1), model.teacher_head_weight(),
-            labels.flatten(), cfg, normalizer, model.dual_space, lm_labels.flatten() if lm_labels is not None else None,
+            h_s, w_s, out.teacher_hidden.flatten(0, 1), w_t, labels.flatten(), cfg, normalizer, model.dual_space,
+            lm_labels.flatten() if lm_labels is not None else None,
         )
     else:
+        w_s = model.student_head_weight(model.generation_matmul)
         total = aligned.get("clone_normalizer")
         share = 1.0 if total is None else aligned["clone_mask"].sum() / max(total, 1)
         w_s_shared, w_t_shared = model.kd_heads(w_s)

@@ -34,6 +34,13 @@ class LRCConfig:
     """the paper's "IO" attention: one input projection for q, k, v"""
     shared_ffn_proj: bool = False
     """the paper's "IO" FFN: one input projection for gate, up"""
+    head_logits: Literal["auto", "generate", "project"] = "auto"
+    """how training computes the student's logits, the same up to rounding either way: generate,
+    h_S @ (W_T P)^T, the head W_T P generated per forward (and its gradient for P); project,
+    (h_S P^T) @ W_T^T, the final states projected to the teacher's width and read by the teacher's
+    head (no vocabulary-sized generation; the logits' matmuls at width d_T); auto: whichever has
+    fewer FLOPs at the forward's tokens (metrics.head_flops_per_token). Across tokenizers, with
+    loss.dskd_weight and in the dense phase the student's own head is used (generate)"""
     init: ProjectionInit = "random"
     """where the projections start (lrc_dist/projection_init.py): random: N(0, init_std), as in the
     paper; the others derive every projection from one basis of the teacher's residual stream:
@@ -67,6 +74,8 @@ class LRCConfig:
             raise ValueError(f"lrc.clone_terms: unknown {sorted(unknown)}; choose from {CLONE_TERMS}.")
         if self.attn_out_space not in ("student", "teacher"):
             raise ValueError(f"lrc.attn_out_space={self.attn_out_space!r}; use 'student' or 'teacher'.")
+        if self.head_logits not in ("auto", "generate", "project"):
+            raise ValueError(f"lrc.head_logits={self.head_logits!r}; use auto, generate or project.")
         if self.init not in INITS:
             raise ValueError(f"lrc.init={self.init!r}; use one of {', '.join(INITS)}.")
         if self.dense_after is not None:

@@ -21,14 +21,15 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "H20": 148e12
 
 def lrc_flops_per_token(args: ModelArgs, d_s: int, seq_len: int, tokens_per_forward: int,
                         generation_ranks: int = 1, dense: tuple[str, list[str]] | None = None,
-                        student_vocab: int | None = None) -> float:
+                        student_vocab: int | None = None, project_head: bool = False) -> float:
     """Model FLOPs of one trained token on one device (activation recompute not counted, as MFU
     conventionally).
 
     = teacher forward + student forward and backward at width d_S + the projection work: generating
     every student weight W_T @ P once per forward (and its gradient for P), split over
     `generation_ranks` devices (`LowRankClone.set_generation_matmul`), and mapping embeddings and the
-    attention/FFN clone targets through P.
+    attention/FFN clone targets through P. The head's share is `head_flops_per_token`'s
+    (`project_head`: the logits read through the teacher's head, lrc.head_logits).
 
     In the dense phase, `dense` = (lrc.dense_projections, the kept projections: o and/or down):
     no generation; the kept projections map their clone targets (forward, and dP when they train).
@@ -44,9 +45,31 @@ def lrc_flops_per_token(args: ModelArgs, d_s: int, seq_len: int, tokens_per_forw
         projections, kept = dense
         per_target = (4 if projections == "train" else 2) * d_t * d_s
         return teacher + student + per_target * len(kept) * layers
+    body = student - 6 * vocab * d_s  # the student without its head: the head is head_flops_per_token's
+    head = head_flops_per_token(vocab, d_t, d_s, tokens_per_forward * generation_ranks, project_head)
     per_token_projection = 4 * d_t * d_s * (1 + 2 * layers)  # embedding, o and down clone targets: fwd + dP
-    weight_generation = 4 * d_t * d_s * (layers * (2 * q + 2 * kv + 3 * inter) + vocab)  # per forward
-    return teacher + student + per_token_projection + weight_generation / (tokens_per_forward * generation_ranks)
+    weight_generation = 4 * d_t * d_s * layers * (2 * q + 2 * kv + 3 * inter)  # per forward
+    return teacher + body + head + per_token_projection + weight_generation / (tokens_per_forward * generation_ranks)
+
+
+def projects_head(head_logits: str, vocab: int, d_t: int, d_s: int, tokens_per_generation: int) -> bool:
+    """lrc.head_logits's choice for a student that may project: project, or under auto whenever that
+    costs fewer FLOPs than generating the head once per `tokens_per_generation` tokens."""
+    if head_logits != "auto":
+        return head_logits == "project"
+    shape = vocab, d_t, d_s, tokens_per_generation
+    return head_flops_per_token(*shape, True) < head_flops_per_token(*shape, False)
+
+
+def head_flops_per_token(vocab: int, d_t: int, d_s: int, tokens_per_generation: int, project: bool) -> float:
+    """The student head's training FLOPs per token, forward and backward. Generated (W_S = W_T P):
+    the logits' forward, their gradients for h_S and W_S (6 V d_S), and W_T P with its gradient for
+    P once per `tokens_per_generation` tokens (4 V d_T d_S). Projected ((h_S P^T) W_T^T): h_S P^T
+    with its two gradients (6 d_T d_S) and the logits' forward and gradient for the input at width
+    d_T (4 V d_T); the teacher's head takes no gradient."""
+    if project:
+        return 4 * vocab * d_t + 6 * d_t * d_s
+    return 6 * vocab * d_s + 4 * vocab * d_t * d_s / tokens_per_generation
 
 
 def forward_flops_per_token(args: ModelArgs, seq_len: int) -> float:

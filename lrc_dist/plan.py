@@ -57,7 +57,7 @@ from lrc_dist.config import ConfigError, TrainConfig, parse_args
 from lrc_dist.families import ModelArgs
 from lrc_dist.losses import chunk_tokens
 from lrc_dist.lrc import LowRankClone
-from lrc_dist.metrics import forward_flops_per_token, lrc_flops_per_token
+from lrc_dist.metrics import forward_flops_per_token, lrc_flops_per_token, projects_head
 from lrc_dist.model import CausalLM, CheckpointError, load_checked, load_config
 from lrc_dist.resources import PACKAGE
 
@@ -224,9 +224,10 @@ def throughput(cfg: TrainConfig, args: ModelArgs, cand: Candidate, world: int, p
     seq, d_s = cfg.data.seq_len, cfg.model.lrc.student_hidden_size
     tokens = cand.micro_batch_size * seq
     ranks = world if cand.shard_generation and world > 1 else 1
-    model_flops = lrc_flops_per_token(args, d_s, seq, tokens, ranks) * tokens
+    project = projects_head(cfg.model.lrc.head_logits, args.vocab_size, args.hidden_size, d_s, tokens * ranks)
+    model_flops = lrc_flops_per_token(args, d_s, seq, tokens, ranks, project_head=project) * tokens
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    heads = 1 if args.tie_word_embeddings else 2
+    heads = (1 if args.tie_word_embeddings else 2) - project  # a projected head is not generated
     layer_weights = args.num_layers * d_s * (2 * q + 2 * kv + 3 * args.intermediate_size)
     student_weights = layer_weights + heads * args.vocab_size * d_s  # what W_T @ P generates
     recompute = 0.0

@@ -206,3 +206,5 @@ def test_cpu_chunks_stay_below_the_mmap_threshold():
     assert chunk_tokens(LossConfig(), 32000, cpu) * 32000 * 4 <= 16 << 20  # fp32 bytes of one logits chunk
     assert chunk_tokens(LossConfig(), 32000, cuda) * 32000 * 4 >= 64 << 20  # large matmuls where blocks are cached
     assert chunk_tokens(LossConfig(chunk_tokens=7), 32000, cpu) == 7
+    # a real vocabulary (Gemma-3's 262,144): chunks of 16 tokens would run the matmuls at memory speed
+    assert chunk_tokens(LossConfig(), 262144, cpu) == chunk_tokens(LossConfig(), 262144, cuda) == 128

@@ -196,3 +196,41 @@ def test_clone_mse_matches_its_formula(dtype, valid):
     for x, y in zip(grads, want_grads):
         assert x.dtype == dtype and torch.allclose(x.float(), y.float(), rtol=1e-5, atol=1e-7)
     assert grads[0].abs().sum() > 0 or valid == "none_valid"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])  # untied head; tied head with a scaled embedding
+def test_projected_head_gives_the_generated_heads_loss_and_gradients(tmp_path, family):
+    """lrc.head_logits=project reads h_S P^T through the teacher's head instead of generating
+    W_T P: the same logits, so the same loss and gradients, up to rounding."""
+    path = build_checkpoint(tmp_path / "m", family)
+    results = []
+    for head in ("generate", "project"):
+        model = LowRankClone.from_teacher(path, LRCConfig(32, head_logits=head), seed=2)
+        assert model.projects_head(IDS.numel()) == (head == "project")
+        total, metrics = model(IDS, IDS, LossConfig(temperature=2.0))
+        total.backward()
+        results.append((metrics, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (m_gen, g_gen), (m_proj, g_proj) = results
+    for key in ("loss", "lm", "kl", "clone"):
+        assert m_proj[key].item() == pytest.approx(m_gen[key].item(), rel=1e-6), key
+    assert set(g_proj) == set(g_gen)
+    assert max(rel_err(g_proj[n], g_gen[n]) for n in g_gen) < 1e-5
+
+
+def test_head_logits_auto_takes_the_cheaper_head(tmp_path):
+    """auto projects while generating the vocabulary-sized head would cost more FLOPs than reading
+    the teacher's head at width d_T (metrics.head_flops_per_token), and generates beyond that."""
+    from lrc_dist.metrics import head_flops_per_token
+
+    model = LowRankClone.from_teacher(build_checkpoint(tmp_path / "m", "qwen2"), LRCConfig(16))  # 256 x 64 head
+    v, d_t, d_s = 256, 64, 16
+    # project: 4 V d_T + 6 d_T d_S per token; generate: 6 V d_S + 4 V d_T d_S / N, equal at N = 4 d_T d_S / (4 d_T - 6 d_S)
+    crossover = 4 * d_t * d_s / (4 * d_t - 6 * d_s + 6 * d_t * d_s / v)
+    below, above = int(crossover), int(crossover) + 1
+    assert head_flops_per_token(v, d_t, d_s, below, True) < head_flops_per_token(v, d_t, d_s, below, False)
+    assert head_flops_per_token(v, d_t, d_s, above, True) > head_flops_per_token(v, d_t, d_s, above, False)
+    assert model.projects_head(below) and not model.projects_head(above)
+    model.generation_ranks = 2  # a sharded generation costs each rank half: generating wins sooner
+    assert not model.projects_head(below)
+    with pytest.raises(ValueError, match="head_logits"):
+        LRCConfig(16, head_logits="teacher")

@@ -202,6 +202,14 @@ def test_dense_phase_starts_from_the_generated_student_of_its_own_vocabulary(cro
     assert after.item() == pytest.approx(before.item(), rel=1e-5)
 
 
+def test_a_projected_head_is_refused_across_tokenizers_and_auto_generates(cross_job):
+    """The teacher's head has no rows for the student's own vocabulary: lrc.head_logits=project is
+    named as the error, and auto generates the head."""
+    with pytest.raises(ValueError, match="lrc.head_logits=project reads the teacher's head"):
+        build_model(lrc_cfg(cross_job, **{"model.lrc.head_logits": "project"}), dtype=torch.float32)
+    assert not build_model(lrc_cfg(cross_job), dtype=torch.float32).projects_head(1)
+
+
 # ---- the trainer ---------------------------------------------------------------------------------
 
 CURVE = ("loss", "lm", "kl", "clone", "clone/ffn_out", "aligned_ratio", "grad_norm")

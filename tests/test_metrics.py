@@ -20,13 +20,15 @@ def matmul_flops(model: LowRankClone, batch: int, seq: int) -> int:
     return sum(n for op, n in counts.items() if op in ("aten.mm", "aten.addmm", "aten.bmm"))
 
 
+@pytest.mark.parametrize("head", ["generate", "project"])  # lrc.head_logits
 @pytest.mark.parametrize("family", ["qwen2", "llama3"])  # untied and tied heads
-def test_flops_per_token_matches_flop_counter(tmp_path, family):
-    model = LowRankClone.from_teacher(build_checkpoint(tmp_path / "m", family), LRCConfig(40))
+def test_flops_per_token_matches_flop_counter(tmp_path, family, head):
+    model = LowRankClone.from_teacher(build_checkpoint(tmp_path / "m", family), LRCConfig(40, head_logits=head))
     batch, seq = 2, 64
     # The counter has no formula for CPU attention kernels: compare the matmul part exactly
     # (seq_len=0 drops the formula's attention term).
-    assert matmul_flops(model, batch, seq) == lrc_flops_per_token(model.teacher_args, 40, 0, batch * seq) * batch * seq
+    formula = lrc_flops_per_token(model.teacher_args, 40, 0, batch * seq, project_head=head == "project")
+    assert matmul_flops(model, batch, seq) == formula * batch * seq == model.flops_per_token(0, batch * seq) * batch * seq
     attention = lrc_flops_per_token(model.teacher_args, 40, seq, batch * seq) - lrc_flops_per_token(
         model.teacher_args, 40, 0, batch * seq)
     args = model.teacher_args
