@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -17,6 +18,7 @@ from lrc_dist.data import PackedMixture, TokenSet
 from lrc_dist.dskd import projector_lr_scale
 from lrc_dist.indexed_dataset import Manifest, tokenizer_sha256
 from lrc_dist.interface import DistillationModel
+from lrc_dist.losses import LossConfig
 from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
 from lrc_dist.lrc import LowRankClone
 from lrc_dist.lrc_config import LRCConfig
@@ -35,12 +37,41 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 def init_projections(clone: LowRankClone, cfg: TrainConfig, device: torch.device | None, trained: bool) -> None:
-    """`lrc.init`; only the cheap random placeholder when trained projections are loaded next."""
-    if trained or cfg.model.lrc.init == "random":
+    """`lrc.init`; only the cheap random placeholder when trained projections are loaded next. An
+    informed init whose student starts further from the teacher than the random init's (`start_kl`
+    on the calibration windows) is replaced by the random init, and the run says so."""
+    init = cfg.model.lrc.init
+    if trained or init == "random":
         clone.init_weights(cfg.seed)
-    else:
-        windows = calibration_windows(cfg, clone.vocab_size) if cfg.model.lrc.init in CALIBRATED else None
-        init_from_teacher(clone.to(device) if device is not None else clone, windows, cfg.micro_batch_size)
+        return
+    windows = calibration_windows(cfg, clone.vocab_size) if init in CALIBRATED else None
+    init_from_teacher(clone.to(device) if device is not None else clone, windows, cfg.micro_batch_size)
+    if windows is None or clone.cross_tokenizer:  # the windows are the teacher's tokens there
+        return
+    windows = windows[:GUARD_WINDOWS]
+    informed, kl = {k: v.clone() for k, v in clone.trainable_state_dict().items()}, start_kl(clone, windows)
+    clone.init_weights(cfg.seed)
+    random_kl = start_kl(clone, windows)
+    if kl <= random_kl:
+        clone.load_state_dict(informed, strict=False)
+    elif not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"lrc.init={init}: the student starts further from the teacher than lrc.init=random's (KL {kl:.2f} "
+              f"against {random_kl:.2f} at T = 1 on {len(windows)} calibration windows): falling back to "
+              f"lrc.init=random. Set lrc.init yourself to silence this.", flush=True)
+
+
+GUARD_WINDOWS = 2  # calibration windows on which an informed init must start nearer the teacher than random
+
+
+@torch.no_grad()
+def start_kl(clone: LowRankClone, windows: torch.Tensor) -> float:
+    """KL(teacher || student) at T = 1 on token windows [n, T], the max over ranks (all ranks take
+    the same branch of `init_projections`)."""
+    cfg = LossConfig(lm_weight=0.0, kl_weight=1.0, clone_weight=0.0, temperature=1.0)
+    kl = clone(windows[:, :-1], windows[:, 1:], cfg)[1]["kl"].float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(kl, op=dist.ReduceOp.MAX)
+    return float(kl)
 
 
 def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None, device: torch.device | None = None,

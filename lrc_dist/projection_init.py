@@ -233,7 +233,7 @@ def stream_moment(model: LowRankClone, windows: Tensor, batch_size: int = 1) -> 
 def weight_moment(model: LowRankClone) -> Tensor:
     """sum_M M^T M / ||M||_F^2 in float64 [d_T, d_T] over the teacher's matrices M whose rows live in
     the stream: what reads it (q, k, v, gate, up, the head; times the scale of their norm) and what
-    writes it (o^T, down^T, the embedding)."""
+    writes it (o^T, down^T, the embedding; times the scale of a post-norm, where the family has them)."""
     offset = 1.0 - model.teacher_args.family.norm_init
 
     def term(m: Tensor, norm: Tensor | None = None) -> Tensor:
@@ -249,7 +249,8 @@ def weight_moment(model: LowRankClone) -> Tensor:
         t = block.teacher.weights()
         for norm, matrices in FOLDED.items():
             total = total + sum(term(t[m], t[norm]) for m in matrices)
-        total = total + term(t["o"].T) + term(t["down"].T)
+        # a post-norm (Gemma's) scales what o and down write by its g before the stream sees it
+        total = total + term(t["o"].T, t.get("attn_post_norm")) + term(t["down"].T, t.get("mlp_post_norm"))
     return total
 
 

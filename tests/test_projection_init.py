@@ -173,3 +173,35 @@ def test_recipes_start_from_what_was_measured_to_win_with_the_paper_one_flag_awa
     assert cfg.model.lrc.init == "activation"
     assert cfg.model.lrc.dense_after is None and not cfg.data.document_mask
     assert load_config(path, {"model.lrc.init": "random"}).model.lrc.init == "random"
+
+
+@pytest.mark.parametrize("spoiled", [False, True])
+def test_an_init_that_starts_further_from_the_teacher_than_random_falls_back(tiny_job, tmp_path, monkeypatch, capsys,
+                                                                             spoiled):
+    """build.init_projections measures the informed init's start on the calibration windows: one
+    further from the teacher than the random init (here: svd's projections scaled up 30x) is
+    replaced by the random init, and the run says so; a good start is kept."""
+    cfg = tiny_cfg(tiny_job, tmp_path, **{"model.lrc.init": "svd", "model.lrc.init_samples": 4})
+    informed = build.init_from_teacher
+
+    def init(model, *args):
+        basis = informed(model, *args)
+        if spoiled:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.requires_grad and "proj" in name:
+                        p.mul_(30)
+        return basis
+
+    monkeypatch.setattr(build, "init_from_teacher", init)
+    model = build.build_model(cfg)
+    random = build.build_model(tiny_cfg(tiny_job, tmp_path))
+    same = [torch.equal(v, random.trainable_state_dict()[k]) for k, v in model.trainable_state_dict().items()]
+    out = capsys.readouterr().out
+    if spoiled:
+        assert all(same) and "lrc.init=svd: the student starts further from the teacher" in out
+        assert "falling back to lrc.init=random" in out
+    else:
+        assert not all(same) and "falling back" not in out
+        windows = build.calibration_windows(cfg, model.vocab_size)[: build.GUARD_WINDOWS]
+        assert build.start_kl(model, windows) < build.start_kl(random, windows)
