@@ -39,7 +39,8 @@ def dtype_of(name: str) -> torch.dtype:
 def init_projections(clone: LowRankClone, cfg: TrainConfig, device: torch.device | None, trained: bool) -> None:
     """`lrc.init`; only the cheap random placeholder when trained projections are loaded next. An
     informed init whose student starts further from the teacher than the random init's (`start_kl`
-    on the calibration windows) is replaced by the random init, and the run says so."""
+    on the calibration windows: two forwards over them) is replaced by the random init, and the run
+    says so."""
     init = cfg.model.lrc.init
     if trained or init == "random":
         clone.init_weights(cfg.seed)
@@ -48,27 +49,27 @@ def init_projections(clone: LowRankClone, cfg: TrainConfig, device: torch.device
     init_from_teacher(clone.to(device) if device is not None else clone, windows, cfg.micro_batch_size)
     if windows is None or clone.cross_tokenizer:  # the windows are the teacher's tokens there
         return
-    windows = windows[:GUARD_WINDOWS]
-    informed, kl = {k: v.clone() for k, v in clone.trainable_state_dict().items()}, start_kl(clone, windows)
+    batch = cfg.micro_batch_size
+    informed, kl = {k: v.clone() for k, v in clone.trainable_state_dict().items()}, start_kl(clone, windows, batch)
     clone.init_weights(cfg.seed)
-    random_kl = start_kl(clone, windows)
+    random_kl = start_kl(clone, windows, batch)
     if kl <= random_kl:
         clone.load_state_dict(informed, strict=False)
     elif not dist.is_initialized() or dist.get_rank() == 0:
         print(f"lrc.init={init}: the student starts further from the teacher than lrc.init=random's (KL {kl:.2f} "
-              f"against {random_kl:.2f} at T = 1 on {len(windows)} calibration windows): falling back to "
+              f"against {random_kl:.2f} at T = 1 on the {len(windows)} calibration windows): falling back to "
               f"lrc.init=random. Set lrc.init yourself to silence this.", flush=True)
 
 
-GUARD_WINDOWS = 2  # calibration windows on which an informed init must start nearer the teacher than random
-
-
 @torch.no_grad()
-def start_kl(clone: LowRankClone, windows: torch.Tensor) -> float:
-    """KL(teacher || student) at T = 1 on token windows [n, T], the max over ranks (all ranks take
-    the same branch of `init_projections`)."""
+def start_kl(clone: LowRankClone, windows: torch.Tensor, batch_size: int = 1) -> float:
+    """KL(teacher || student) at T = 1, the mean over the tokens of windows [n, T] (`batch_size` a
+    forward), the max over ranks (all ranks take the same branch of `init_projections`). All of
+    the init's calibration windows: on Gemma-3-270M the first two alone ranked `activation` behind
+    `random` (KL 10.24 against 10.19), all 16 ahead (9.31 against 10.09)."""
     cfg = LossConfig(lm_weight=0.0, kl_weight=1.0, clone_weight=0.0, temperature=1.0)
-    kl = clone(windows[:, :-1], windows[:, 1:], cfg)[1]["kl"].float().reshape(1)
+    kl = sum(clone(w[:, :-1], w[:, 1:], cfg, normalizer=windows[:, 1:].numel())[1]["kl"]
+             for w in windows.split(batch_size)).float().reshape(1)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(kl, op=dist.ReduceOp.MAX)
     return float(kl)

@@ -203,5 +203,6 @@ def test_an_init_that_starts_further_from_the_teacher_than_random_falls_back(tin
         assert "falling back to lrc.init=random" in out
     else:
         assert not all(same) and "falling back" not in out
-        windows = build.calibration_windows(cfg, model.vocab_size)[: build.GUARD_WINDOWS]
-        assert build.start_kl(model, windows) < build.start_kl(random, windows)
+        windows = build.calibration_windows(cfg, model.vocab_size)
+        assert build.start_kl(model, windows, 2) < build.start_kl(random, windows, 2)
+        assert build.start_kl(model, windows, 2) == pytest.approx(build.start_kl(model, windows, 4), rel=1e-5)
