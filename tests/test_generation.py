@@ -69,8 +69,10 @@ def check_model(rank: int, teacher: str) -> None:
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     matmul = sum(n for op, n in counts.items() if op in ("aten.mm", "aten.addmm", "aten.bmm"))
     tokens = mine.numel()
-    assert matmul == lrc_flops_per_token(model.teacher_args, 32, 0, tokens, generation_ranks=2) * tokens
-    assert matmul < lrc_flops_per_token(model.teacher_args, 32, 0, tokens) * tokens
+    project = model.projects_head(tokens)  # lrc.head_logits=auto: decided at the ranks' shared generation
+    assert matmul == lrc_flops_per_token(model.teacher_args, 32, 0, tokens, generation_ranks=2,
+                                         project_head=project) * tokens
+    assert matmul < lrc_flops_per_token(model.teacher_args, 32, 0, tokens, project_head=project) * tokens
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 The teacher, the token sets and the exports are the quick demo's. Shapes shrink to tiny ones,
 and sbatch runs as the job script's dry run, with scontrol stubbed. Each substitution is listed
 in the table below. A command this file does not know fails the test, so a new or changed
-README command cannot go untested. Only four commands are skipped (set-up, the two test runs, pip
-install), each for a stated reason.
+README command cannot go untested. Only six commands are skipped (set-up, the two test runs, the
+two pip installs, the hour-long real-teacher demo), each for a stated reason.
 """
 
 import json
@@ -23,6 +23,9 @@ SKIPPED = {  # command prefix: why it is not run here
     "./setup.sh": "CI's first step (.ci/run) runs it on a clean clone",
     ".venv/bin/python -m pytest": "the test suite itself",
     "pip install": "installs packages; CI's set-up installs the same extra",
+    ".venv/bin/pip install": "installs the real extra; the tests that need it skip without it",
+    ".venv/bin/python -m lrc_dist.demo --preset real": "about an hour on 2 cores; test_demo.py's "
+                                                       "test_real_preset_end_to_end runs it at 2 steps (slow)",
 }
 NOT_COMMANDS = ("L = LM(student)",)  # indented blocks that are formulas, not commands
 TINY = ["--model.lrc.student_hidden_size=32", "--data.seq_len=32", "--micro_batch_size=1", "--global_batch_size=4",
