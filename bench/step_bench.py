@@ -316,7 +316,7 @@ def matmul_speed(model: LowRankClone, tokens: int, dev, clock: int, steps: int) 
     for m, k, n in shapes:
         x, y = torch.randn(m, k, device=dev), torch.randn(k, n, device=dev)
         x @ y  # warm-up
-        seconds = statistics.median(timed(lambda: x @ y, dev)[clock] for _ in range(max(steps, 3)))
+        seconds = statistics.median(timed(lambda x=x, y=y: x @ y, dev)[clock] for _ in range(max(steps, 3)))
         speeds[f"{m}x{k} @ {k}x{n}"] = 2 * m * k * n / seconds
     print("matmul speed alone: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in speeds.items()))
     return max(speeds.values())

@@ -18,8 +18,8 @@ from lrc_dist.data import PackedMixture, TokenSet
 from lrc_dist.dskd import projector_lr_scale
 from lrc_dist.indexed_dataset import Manifest, tokenizer_sha256
 from lrc_dist.interface import DistillationModel
-from lrc_dist.losses import LossConfig
 from lrc_dist.kd import KnowledgeDistillation, build_student, student_like
+from lrc_dist.losses import LossConfig
 from lrc_dist.lrc import LowRankClone
 from lrc_dist.lrc_config import LRCConfig
 from lrc_dist.lrc_files import LRC_CONFIG_FILE, LRC_WEIGHTS_FILE, check_teacher, read_lrc_meta

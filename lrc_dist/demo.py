@@ -100,13 +100,13 @@ BEYOND_STUDENTS = {
     "lrc_dense_activation": ("LRC, activation init + dense second half", {"model.lrc.init": "activation",
                                                                          "model.lrc.dense_after": 0.5}),
 }
-# --on_policy: half of the windows continued by the student for their last quarter (issue 15)
+# --on_policy: half of the windows continued by the student for their last quarter
 ON_POLICY = {"loss.on_policy_ratio": 0.5, "loss.on_policy_new_tokens": "QUARTER"}
 ON_POLICY_STUDENTS = {
     "lrc_on_policy": ("LRC, on-policy half", ON_POLICY),
     "kd_on_policy": ("plain KD, on-policy half", {"model.method": "kd", **ON_POLICY}),
 }
-# --cross_tokenizer: students with their own tokenizer (issue 15), trained on the corpus in its tokens
+# --cross_tokenizer: students with their own tokenizer, trained on the corpus in its tokens
 # while the teacher reads its own; compared with the others in bits per byte.
 STUDENT_TOKENIZER = PACKAGE / "assets" / "tokenizers" / "whisper_multilingual"
 CROSS_STUDENTS = {

@@ -1,5 +1,5 @@
 """Sampling from the project's own decoder with a KV cache: the student's continuations that
-on-policy distillation trains on (issue 15, item 2).
+on-policy distillation trains on (lrc_dist/on_policy.py).
 
     tokens = generate(model, prompts, SamplingConfig(max_new_tokens=64, temperature=1.0, top_p=0.95),
                       torch.Generator().manual_seed(seed))

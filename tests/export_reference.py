@@ -1,4 +1,4 @@
-"""The trainer's export as it was before it exported the live model (issue 13, item 7): the model
+"""The trainer's export as it was before it exported the live model: the model
 built again from disk in fp32, the trained tensors loaded, the student materialised at once
 (`student_state_dict`). The live export must write the very same files."""
 

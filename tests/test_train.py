@@ -315,6 +315,7 @@ def test_compiled_blocks_give_the_eager_curve(one_process, tiny_job, tmp_path, m
     monkeypatch.setattr("lrc_dist.losses._compiled_kernels", None)  # the compiled kernels end with the test
     train(tiny_cfg(tiny_job, tmp_path / "compiled", **job, **{"parallel.compile": True}))
     assert counters["stats"]["unique_graphs"] >= 2  # a block and the head kernel: fails when nothing compiles
-    records = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("eager", "compiled")]
+    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("eager", "compiled")]
     keys = CURVE_KEYS if method == "lrc" else ("loss", "lm", "kl", "grad_norm")
     assert_same_curve(records[1], records[0], keys, rel=1e-4)
