@@ -341,9 +341,12 @@ class LowRankClone(nn.Module):
         if self.dense:
             head = self.embed_dense if self.teacher_args.tie_word_embeddings else self.lm_head_dense
             return head.to(self.teacher_embed.weight.dtype)
-        proj = self.embed_proj if self.teacher_args.tie_word_embeddings else self.lm_head_proj
         rows = self.head_rows()
-        return matmul(rows, proj.to(rows.dtype))
+        return matmul(rows, self.head_projection().to(rows.dtype))
+
+    def head_projection(self) -> Tensor:
+        """The P of the student's head: the embedding's for a tied head, else the head's own."""
+        return self.embed_proj if self.teacher_args.tie_word_embeddings else self.lm_head_proj
 
     def projects_head(self, tokens_per_forward: int) -> bool:
         """Whether training reads the student's logits as (h_S P^T) @ W_T^T (lrc.head_logits): never
@@ -582,8 +585,7 @@ def lrc_loss(
         share = 1.0 if normalizer is None else local / normalizer
         h_s, w_t = out.student_hidden.flatten(0, 1), model.teacher_head_weight()
         if model.projects_head(labels.numel()):  # h_S (W_T P)^T = (h_S P^T) W_T^T: no head generated
-            proj = model.embed_proj if model.teacher_args.tie_word_embeddings else model.lm_head_proj
-            h_s, w_s = h_s @ proj.T.to(h_s.dtype), w_t
+            h_s, w_s = h_s @ model.head_projection().T.to(h_s.dtype), w_t
         else:
             w_s = model.student_head_weight(model.generation_matmul)
         head, metrics = logit_losses(

@@ -333,7 +333,7 @@ def final_norm_scale(model: LowRankClone, g: Tensor, calibration: Calibration, p
     places the loss of the stream's part outside span(U) where the logits mind it least. A small
     ridge towards `prior` (the unfitted scale) keeps directions the tokens never used."""
     rows = model.teacher_head_weight()
-    proj = (model.embed_proj if model.teacher_args.tie_word_embeddings else model.lm_head_proj).double()
+    proj = model.head_projection().double()
     mean = rows.double().mean(0)
     gram_c = gram(rows, rows) - rows.shape[0] * torch.outer(mean, mean)
     gram_c = gram_c.to(proj.device)
